@@ -1,0 +1,726 @@
+"""rlvr.py: reinforcement learning with verifiable rewards (RLVR), and how it over-sharpens, in one file.
+
+What it does
+  1. Warm-start: a tiny causal LM (a transformers GPT-2, ~110k parameters, one token per character)
+     is fine-tuned on *uniformly sampled* correct solutions of toy arithmetic queries. This is the
+     diverse **base policy**: every query has many correct completions and the base spreads its
+     mass over them. It is cached in .cache/ and reused.
+  2. RL: for each step, sample `queries_per_step` training queries x `group_size` completions in
+     one batched KV-cache decode, score them with exact verifiers (reward 1 or 0), turn rewards
+     into per-group advantages, and take one PPO-clip step.
+  3. Evaluation: n samples per query on train and held-out test queries; pass@k for k = 1..n,
+     coverage (distinct correct completions found / all correct completions), and the exact
+     over-sharpened fraction: every correct completion of a toy query is enumerable, so we can
+     teacher-force each one and check whether its probability fell below the base policy's.
+
+Over-sharpening (arXiv 2601.15609): with a finite group, only the correct completions that were
+*sampled* get a positive advantage; the correct ones that were not sampled lose mass through the
+softmax normaliser. Step after step the policy piles its mass onto a few modes: pass@1 rises while
+coverage and large-k pass@k fall, and because queries share parameters the narrowing spreads to
+queries never trained on. `python rlvr.py` shows it in about a minute on a laptop CPU.
+
+Departures from the textbook, each with its reason
+  * Token-level loss normalisation (sum over all completion tokens / their count), as in DAPO:
+    every token weighs the same, so long and short completions are treated alike.
+  * One update per batch by default, so the PPO ratio is exactly 1 and the old log-probs are the
+    detached current ones: no extra forward pass (`--ppo-epochs` > 1 re-uses them as old log-probs).
+  * A completion that does not emit EOS within `max_new_tokens` gets reward 0: a correct answer
+    must also stop, which keeps every mode of the exact metrics a finite string.
+  * KL to the base is off by default (`--kl-coef 0`), as in TRL's default and DAPO.
+
+Run
+  python rlvr.py                                   # the demo: warm-start, GRPO, table
+  python rlvr.py train --method grpo --seed 1 --out runs/grpo-s1
+  python rlvr.py make-tasks --out toy_tasks        # regenerate the committed task files
+  python -m pytest -q                              # the tests
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep the demo's output readable
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import transformers  # noqa: E402
+transformers.utils.logging.disable_progress_bar()
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: every knob, one line of help each
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    tasks: str = field(default=str(HERE / "toy_tasks"), metadata={"help": "folder with train/val/test .jsonl task files"})
+    out: str = field(default="runs/demo", metadata={"help": "output folder (summary.json, metrics.jsonl, checkpoint)"})
+    seed: int = field(default=0, metadata={"help": "seed for the warm-start, the RL sampling and the evaluation"})
+    method: str = field(default="grpo", metadata={"help": "advantage estimator: grpo"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores, at most 4; tiny models gain nothing from more)"})
+    # policy
+    n_embd: int = field(default=64, metadata={"help": "hidden size of the built-in GPT-2 policy"})
+    n_layer: int = field(default=2, metadata={"help": "layers of the built-in GPT-2 policy"})
+    n_head: int = field(default=4, metadata={"help": "attention heads of the built-in GPT-2 policy"})
+    # warm-start (supervised fine-tuning on uniformly sampled correct solutions)
+    ws_steps: int = field(default=300, metadata={"help": "warm-start SFT steps"})
+    ws_batch: int = field(default=128, metadata={"help": "warm-start sequences per step"})
+    ws_lr: float = field(default=3e-3, metadata={"help": "warm-start learning rate"})
+    cache_dir: str = field(default=str(HERE / ".cache"), metadata={"help": "where warm-started base policies are cached"})
+    # RL
+    steps: int = field(default=200, metadata={"help": "RL steps"})
+    queries_per_step: int = field(default=16, metadata={"help": "training queries per RL step"})
+    group_size: int = field(default=8, metadata={"help": "completions sampled per query (G)"})
+    lr: float = field(default=3e-4, metadata={"help": "RL learning rate (AdamW); 1e-3 diverges within 5 steps on the toy tasks"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay in RL (0: decay would pull towards 0, not the base)"})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip epsilon"})
+    kl_coef: float = field(default=0.0, metadata={"help": "k3 KL penalty to the base policy (0 = off, TRL's default)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and evaluation"})
+    max_new_tokens: int = field(default=8, metadata={"help": "longest completion, EOS included"})
+    # evaluation
+    eval_n: int = field(default=64, metadata={"help": "samples per query for pass@k and coverage"})
+    eval_every: int = field(default=50, metadata={"help": "evaluate train and test every this many RL steps (0: only at the end)"})
+    eval_batch: int = field(default=2048, metadata={"help": "sequences per batched evaluation call"})
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train") -> Config:
+    parser = argparse.ArgumentParser(prog=f"rlvr.py {prog}")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_threads(cfg: Config) -> None:
+    n = cfg.threads or min(4, os.cpu_count() or 1)
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and policy: a real transformers causal LM with a one-character-per-token tokenizer
+# ----------------------------------------------------------------------------------------------
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level PreTrainedTokenizerFast over printable ASCII (so save/from_pretrained round-trip)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK] + [chr(c) for c in range(32, 127)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    tok.decoder = decoders.Fuse()  # join characters back without spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    tokenizer.padding_side = "left"  # prompts end at the same column, so completions start together
+    return tokenizer
+
+
+def build_policy(cfg: Config, tokenizer) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: RL log-probs must be deterministic
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def load_policy(path: str | Path, device: torch.device):
+    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+def _cache_kwarg(model) -> str:
+    # transformers 5 renamed past_key_values -> cache; accept either so the file runs on both
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(model):
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks and verifiers: every query has many correct completions, all of them enumerable
+# ----------------------------------------------------------------------------------------------
+MAX_ANSWER_CHARS = 64  # anything longer is wrong without being parsed: verifiers stay O(1) on any input
+_DIGIT_SUM = re.compile(r"[1-9](?:\+[1-9])*")
+_EXPR = re.compile(r"[0-9]{1,3}(?:[+\-*][0-9]{1,3})*")
+
+
+def _eval_plus_minus_times(expr: str) -> int:
+    """Value of a +,-,* expression with the usual precedence; expr already matched _EXPR (no eval())."""
+    total, term, sign = 0, None, 1
+    for tok in re.findall(r"[0-9]+|[+\-*]", expr):
+        if tok == "*":
+            continue
+        if tok in "+-":
+            total, term, sign = total + sign * term, None, 1 if tok == "+" else -1
+        else:
+            term = int(tok) if term is None else term * int(tok)
+    return total + sign * term
+
+
+def verify_digit_sum(task: dict, completion: str) -> float:
+    """`terms` digits 1-9 joined by '+' that add up to `target`, e.g. 15 -> '4+9+2'."""
+    if not _DIGIT_SUM.fullmatch(completion):
+        return 0.0
+    digits = completion.split("+")
+    return float(len(digits) == task["terms"] and sum(map(int, digits)) == task["target"])
+
+
+def enumerate_digit_sum(task: dict) -> list[str]:
+    return ["+".join(map(str, d)) for d in itertools.product(range(1, 10), repeat=task["terms"]) if sum(d) == task["target"]]
+
+
+def verify_countdown(task: dict, completion: str) -> float:
+    """Use each of `numbers` exactly once with + - * (usual precedence, no brackets) to reach `target`."""
+    if not _EXPR.fullmatch(completion):
+        return 0.0
+    used = sorted(int(x) for x in re.findall(r"[0-9]+", completion))
+    return float(used == sorted(task["numbers"]) and _eval_plus_minus_times(completion) == task["target"])
+
+
+def enumerate_countdown(task: dict) -> list[str]:
+    sols = set()
+    for perm in set(itertools.permutations(task["numbers"])):
+        for ops in itertools.product("+-*", repeat=len(perm) - 1):
+            expr = str(perm[0]) + "".join(op + str(n) for op, n in zip(ops, perm[1:]))
+            if _eval_plus_minus_times(expr) == task["target"]:
+                sols.add(expr)
+    return sorted(sols)
+
+
+# A task type is a verifier plus an enumerator of its correct completions; add yours here.
+TASK_TYPES = {
+    "digit_sum": (verify_digit_sum, enumerate_digit_sum),
+    "countdown": (verify_countdown, enumerate_countdown),
+}
+
+
+def verify(task: dict, completion: str) -> float:
+    """1.0 if `completion` solves `task` (one JSONL record), else 0.0. Never raises, never eval()s."""
+    try:
+        if not isinstance(completion, str) or len(completion) > MAX_ANSWER_CHARS:
+            return 0.0
+        return TASK_TYPES[task["type"]][0](task, completion.strip())
+    except Exception:  # a malformed task record is reported when loading; here only model text arrives
+        return 0.0
+
+
+def enumerate_solutions(task: dict) -> list[str]:
+    """Every correct completion of `task`, in canonical form, sorted."""
+    return TASK_TYPES[task["type"]][1](task)
+
+
+def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] = (48, 16, 24)) -> dict[str, int]:
+    """Deterministically write train/val/test.jsonl: digit sums (split by target) and countdown (split by query)."""
+    rng = random.Random(seed)
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    # digit_sum, 3 terms: targets 4..26 all have >= 3 ordered solutions (15 has 73); held-out targets interleave
+    test_t, val_t = {6, 11, 16, 21, 26}, {8, 13, 19, 24}
+    for t in range(4, 27):
+        task = {"id": f"sum3-{t}", "type": "digit_sum", "prompt": f"sum3={t}:", "terms": 3, "target": t}
+        task["num_solutions"] = len(enumerate_digit_sum(task))
+        splits["test" if t in test_t else "val" if t in val_t else "train"].append(task)
+    # countdown with three digits 1-9: every query reachable in >= 4 distinct ways
+    pool = []
+    for nums in itertools.combinations_with_replacement(range(1, 10), 3):
+        for target in range(1, 100):
+            task = {"id": f"cd-{''.join(map(str, nums))}-{target}", "type": "countdown",
+                    "prompt": f"{','.join(map(str, nums))}->{target}:", "numbers": list(nums), "target": target}
+            n = len(enumerate_countdown(task))
+            if n >= 4:
+                task["num_solutions"] = n
+                pool.append(task)
+    rng.shuffle(pool)
+    n_train, n_val, n_test = countdown
+    splits["test"] += pool[:n_test]
+    splits["val"] += pool[n_test:n_test + n_val]
+    splits["train"] += pool[n_test + n_val:n_test + n_val + n_train]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, tasks in splits.items():
+        with open(out / f"{name}.jsonl", "w") as f:
+            for task in tasks:
+                f.write(json.dumps(task) + "\n")
+    return {name: len(tasks) for name, tasks in splits.items()}
+
+
+def load_tasks(folder: str | Path, split: str) -> list[dict]:
+    path = Path(folder) / f"{split}.jsonl"
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class TaskSet:
+    """Tasks of one split with their tokenised prompts and (lazily) their enumerated solutions."""
+    tasks: list[dict]
+    prompt_ids: list[list[int]]
+    _solutions: list[list[str]] | None = None
+
+    @classmethod
+    def build(cls, tasks: list[dict], tokenizer) -> "TaskSet":
+        return cls(tasks, tokenizer([t["prompt"] for t in tasks], add_special_tokens=False)["input_ids"])
+
+    @property
+    def solutions(self) -> list[list[str]]:
+        if self._solutions is None:
+            self._solutions = [enumerate_solutions(t) for t in self.tasks]
+        return self._solutions
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: all prompts x group_size completions in one batched KV-cache decode
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Rollouts:
+    """A batch of prompt+completion sequences laid out as [left-padded prompt | completion | pad]."""
+    input_ids: torch.Tensor        # [B, P+T]
+    attention_mask: torch.Tensor   # [B, P+T]  0 on left padding only (pads after EOS are never attended)
+    completion_mask: torch.Tensor  # [B, T]    1 on completion tokens up to and including EOS
+    prompt_len: int                # P
+    texts: list[str]               # decoded completions, EOS excluded
+    finished: torch.Tensor         # [B] bool, emitted EOS within max_new_tokens
+    entropy: torch.Tensor | None = None  # [B, T] token entropy of the sampling distribution
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+
+def pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    # left padding shifts every prompt, so positions must count real tokens only
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+           generator: torch.Generator | None = None, with_entropy: bool = False) -> Rollouts:
+    """Sample one completion per prompt (repeat a prompt G times for a group), batched, KV cache, stop at EOS."""
+    device = next(model.parameters()).device
+    base, head, cache_kw = model.base_model, model.get_output_embeddings(), _cache_kwarg(model)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids, prompt_mask = pad_left(prompt_ids, pad, device)
+    mask, B = prompt_mask, ids.shape[0]
+    cache = _new_cache(model)
+    pos = positions(mask)
+    hidden = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    ent = torch.zeros((B, max_new_tokens), device=device) if with_entropy else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = pos[:, -1:]
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # [B, V]
+        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        if with_entropy:
+            ent[:, t] = -(logp.exp() * logp).sum(-1) * (~done)
+        out[:, t] = torch.where(done, pad, tok)
+        done = done | (tok == eos)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        next_pos = next_pos + 1
+        hidden = base(input_ids=out[:, t:t + 1], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                      **{cache_kw: cache}).last_hidden_state[:, -1]
+    return _make_rollouts(tokenizer, ids, prompt_mask, out, ent)
+
+
+def _make_rollouts(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor,
+                   entropy: torch.Tensor | None) -> Rollouts:
+    is_eos = completion == tokenizer.eos_token_id
+    finished = is_eos.any(1)
+    completion_mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # tokens up to and including the first EOS
+    lengths = (completion_mask.sum(1) - finished.long()).tolist()
+    # special tokens sampled mid-answer stay visible ("<unk>"), so they can never decode into a correct answer
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(completion.tolist(), lengths)], skip_special_tokens=False)
+    input_ids = torch.cat([prompt_ids, completion], 1)
+    attention_mask = torch.cat([prompt_mask, torch.ones_like(completion)], 1)
+    return Rollouts(input_ids, attention_mask, completion_mask.long(), prompt_ids.shape[1], texts, finished, entropy)
+
+
+def rollouts_from_text(tokenizer, prompt_ids: list[list[int]], completions: list[str], device) -> Rollouts:
+    """Teacher-forcing layout for given completions (each followed by EOS): used by SFT and exact probabilities."""
+    ids, mask = pad_left(prompt_ids, tokenizer.pad_token_id, device)
+    comp = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    T = max(len(c) for c in comp) + 1
+    out = torch.full((len(comp), T), tokenizer.pad_token_id, dtype=torch.long)
+    for i, c in enumerate(comp):
+        out[i, :len(c) + 1] = torch.tensor(c + [tokenizer.eos_token_id])
+    return _make_rollouts(tokenizer, ids, mask, out.to(device), None)
+
+
+def rewards_for(tasks: list[dict], rollouts: Rollouts) -> torch.Tensor:
+    """Verifier reward per completion; a completion that never stopped is wrong."""
+    r = [verify(task, text) if fin else 0.0 for task, text, fin in zip(tasks, rollouts.texts, rollouts.finished.tolist())]
+    return torch.tensor(r, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities of completions: one forward, logits only at completion positions
+# ----------------------------------------------------------------------------------------------
+def completion_logprobs(model, rollouts: Rollouts, with_entropy: bool = False):
+    """Per-token log pi(y_t | q, y_<t) over the completion, [B, T]; optional token entropy and hidden states."""
+    P, T = rollouts.prompt_len, rollouts.completion_ids.shape[1]
+    hidden = model.base_model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
+                              position_ids=positions(rollouts.attention_mask)).last_hidden_state
+    hidden = hidden[:, P - 1:P + T - 1]  # the states that predict completion tokens
+    logp_all = torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)  # [B, T, V]
+    logp = logp_all.gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, entropy, hidden
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, prompt_ids: list[list[int]], completions: list[str], batch: int = 4096) -> torch.Tensor:
+    """Exact log pi(completion + EOS | prompt) for each pair: the teacher-forced probability of one mode."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(completions), batch):
+        r = rollouts_from_text(tokenizer, prompt_ids[i:i + batch], completions[i:i + batch], device)
+        logp, _, _ = completion_logprobs(model, r)
+        out.append((logp * r.completion_mask).sum(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages: from group rewards [num_queries, group_size] to one scalar per completion
+# ----------------------------------------------------------------------------------------------
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (arXiv 2402.03300): A = (r - mean_group) / (std_group + eps). All-equal groups give exactly 0.
+
+    Worked example, one group of 4 with rewards [1, 0, 0, 1]: mean 0.5, std (unbiased) 0.577,
+    advantages [+0.866, -0.866, -0.866, +0.866]. A group of [1, 1, 1, 1] gives [0, 0, 0, 0]: a query the
+    policy always solves (or never solves) teaches nothing.
+    """
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True)  # unbiased, as TRL
+    return (rewards - mean) / (std + eps)
+
+
+ADVANTAGES = {"grpo": grpo_advantages}
+
+
+# ----------------------------------------------------------------------------------------------
+# The update: token-level PPO-clip loss with optional k3 KL to the base
+# ----------------------------------------------------------------------------------------------
+def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                  clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0):
+    """Token-level PPO-clip surrogate. logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. Returns (loss, metrics)."""
+    mask = mask.float()
+    n_tokens = mask.sum().clamp(min=1)
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(1)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    loss = -(surrogate * mask).sum() / n_tokens
+    metrics = {"clip_frac": (((ratio - 1).abs() > clip_eps).float() * mask).sum().item() / n_tokens.item()}
+    if ref_logp is not None and kl_coef > 0:
+        log_r = ref_logp - logp
+        kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), always >= 0
+        loss = loss + kl_coef * (kl * mask).sum() / n_tokens
+        metrics["kl"] = ((kl * mask).sum() / n_tokens).item()
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: pass@k, coverage, exact over-sharpened fraction, entropy
+# ----------------------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def k_values(n: int) -> list[int]:
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return ks if ks[-1] == n else ks + [n]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max_new_tokens: int, seed: int,
+             base_logprobs: torch.Tensor | None = None, batch: int = 2048, desc: str = "eval") -> tuple[dict, torch.Tensor]:
+    """Metrics M of one split and the exact log-probabilities of every correct completion (for over-sharpening)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    prompts = [p for p in taskset.prompt_ids for _ in range(n)]
+    tasks = [t for t in taskset.tasks for _ in range(n)]
+    rewards, texts, ent_sum, ent_count = [], [], 0.0, 0
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, leave=False, disable=None):
+        r = sample(model, tokenizer, prompts[i:i + batch], max_new_tokens, temperature, gen, with_entropy=True)
+        rewards.append(rewards_for(tasks[i:i + batch], r))
+        texts += r.texts
+        ent_sum += r.entropy.sum().item()
+        ent_count += r.completion_mask.sum().item()
+    rewards = torch.cat(rewards).view(len(taskset), n)
+    ks = k_values(n)
+    pass_k = {k: 0.0 for k in ks}
+    coverage = []
+    for q in range(len(taskset)):
+        c = int(rewards[q].sum())
+        for k in ks:
+            pass_k[k] += pass_at_k(n, c, k) / len(taskset)
+        found = {texts[q * n + j].strip() for j in range(n) if rewards[q, j] > 0}
+        coverage.append(len(found) / len(taskset.solutions[q]))
+    # exact probability of every correct mode, teacher-forced
+    flat_prompts = [p for p, sols in zip(taskset.prompt_ids, taskset.solutions) for _ in sols]
+    flat_sols = [s for sols in taskset.solutions for s in sols]
+    logprobs = sequence_logprobs(model, tokenizer, flat_prompts, flat_sols)
+    oversharpened = 0.0
+    if base_logprobs is not None:
+        below = (logprobs < base_logprobs).float()
+        start = 0
+        for sols in taskset.solutions:  # per-query share of correct modes that lost mass, then mean over queries
+            oversharpened += below[start:start + len(sols)].mean().item() / len(taskset)
+            start += len(sols)
+    metrics = {"pass@1": pass_k[1], "pass@k": {str(k): v for k, v in pass_k.items()},
+               "coverage": float(np.mean(coverage)), "oversharpened": oversharpened,
+               "entropy": ent_sum / max(ent_count, 1)}
+    return metrics, logprobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm-start: supervised fine-tuning on uniformly sampled correct solutions -> the diverse base
+# ----------------------------------------------------------------------------------------------
+def base_key(cfg: Config, train_tasks: list[dict]) -> str:
+    blob = json.dumps({"n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "ws_steps": cfg.ws_steps,
+                       "ws_batch": cfg.ws_batch, "ws_lr": cfg.ws_lr, "seed": cfg.seed, "tasks": train_tasks,
+                       "transformers": transformers.__version__.split(".")[0]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def warm_start(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
+    """Train the base policy by SFT: pick a training query uniformly, then one of its correct solutions uniformly."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model = build_policy(cfg, tokenizer).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.ws_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.ws_steps)))
+    model.train()
+    for _ in tqdm(range(cfg.ws_steps), desc="warm-start", disable=None):
+        qs = [rng.randrange(len(train)) for _ in range(cfg.ws_batch)]
+        r = rollouts_from_text(tokenizer, [train.prompt_ids[q] for q in qs], [rng.choice(train.solutions[q]) for q in qs], device)
+        logp, _, _ = completion_logprobs(model, r)
+        loss = -(logp * r.completion_mask).sum() / r.completion_mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
+    """The warm-started base policy for this config and seed: loaded from the cache, or trained and cached."""
+    path = Path(cfg.cache_dir) / f"base-{base_key(cfg, train.tasks)}"
+    t0 = time.perf_counter()
+    if (path / "config.json").exists():
+        model, _ = load_policy(path, device)
+        return model, 0.0, path
+    model = warm_start(cfg, train, tokenizer, device)
+    save_policy(model, tokenizer, path)
+    return model, time.perf_counter() - t0, path
+
+
+def save_policy(model, tokenizer, path: Path, extra: dict[str, object] | None = None) -> None:
+    """Write a checkpoint atomically: to a temporary folder first, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The RL loop
+# ----------------------------------------------------------------------------------------------
+class JsonlLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed as written."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+
+def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator, base=None) -> dict:
+    """One RL step on `queries`: sample groups, verify, advantages, one PPO-clip update. Returns logged stats."""
+    device = next(policy.parameters()).device
+    # 1. sample a group of completions for each query, all in one batch
+    tasks = [train_set.tasks[q] for q in queries for _ in range(cfg.group_size)]
+    prompts = [train_set.prompt_ids[q] for q in queries for _ in range(cfg.group_size)]
+    rollouts = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, gen)
+    # 2. verify, then turn rewards into advantages one group at a time
+    rewards = rewards_for(tasks, rollouts).view(len(queries), cfg.group_size)
+    advantages = ADVANTAGES[cfg.method](rewards).view(-1).to(device)
+    # 3. one PPO-clip step; on-policy, so the old log-probs are the detached current ones (ratio = 1)
+    logp, entropy, _ = completion_logprobs(policy, rollouts, with_entropy=True)
+    ref_logp = None
+    if cfg.kl_coef > 0:
+        with torch.no_grad():
+            ref_logp, _, _ = completion_logprobs(base, rollouts)
+    loss, stats = ppo_clip_loss(logp, logp.detach(), advantages, rollouts.completion_mask, cfg.clip_eps, ref_logp, cfg.kl_coef)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    opt.step()
+    mask = rollouts.completion_mask
+    return {"reward": rewards.mean().item(), "loss": loss.item(), "grad_norm": grad_norm.item(),
+            "entropy": ((entropy.detach() * mask).sum() / mask.sum()).item(), **stats}
+
+
+def train(cfg: Config) -> dict:
+    """Warm-start (or load) the base, run RL with the chosen method, evaluate, write summary.json."""
+    set_threads(cfg)
+    device = pick_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    splits = {s: TaskSet.build(load_tasks(cfg.tasks, s), tokenizer) for s in ("train", "test")}
+    base, warmstart_s, base_path = get_base(cfg, splits["train"], tokenizer, device)
+    policy, _ = load_policy(base_path, device)  # a fresh copy; `base` stays frozen as the reference
+    for p in base.parameters():
+        p.requires_grad_(False)
+
+    def eval_all(model, base_lp=None, tag=""):
+        res, lps = {}, {}
+        for s, ts in splits.items():
+            res[s], lps[s] = evaluate(model, tokenizer, ts, cfg.eval_n, cfg.temperature, cfg.max_new_tokens,
+                                      seed=cfg.seed + 1, base_logprobs=None if base_lp is None else base_lp[s],
+                                      batch=cfg.eval_batch, desc=f"eval {tag}{s}")
+        return res, lps
+
+    base_metrics, base_lp = eval_all(base, tag="base ")
+    log = JsonlLog(out / "metrics.jsonl")
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    query_rng = random.Random(cfg.seed)
+    train_set = splits["train"]
+    rl_s = 0.0
+    for step in tqdm(range(1, cfg.steps + 1), desc=f"RL {cfg.method}", disable=None):
+        queries = [query_rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
+        t0 = time.perf_counter()
+        stats = rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base)
+        rl_s += time.perf_counter() - t0
+        log.write({"step": step, **stats})
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            m, _ = eval_all(policy, base_lp, tag=f"step {step} ")
+            log.write({"step": step, "eval": m})
+    final_metrics, _ = eval_all(policy, base_lp, tag="final ")
+    log.write({"step": cfg.steps, "eval": final_metrics})
+    save_policy(policy, tokenizer, out / "checkpoint")
+    summary = {"config": dataclasses.asdict(cfg), "base": base_metrics, "final": final_metrics,
+               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(rl_s, 3), "rl_step_s": round(rl_s / max(cfg.steps, 1), 4)}}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting and CLI
+# ----------------------------------------------------------------------------------------------
+def format_table(columns: dict[str, dict]) -> str:
+    """Rows: metrics on train and test; columns: base and each trained method."""
+    rows = [("pass@1", lambda m: m["pass@1"]), ("pass@8", lambda m: m["pass@k"].get("8", float("nan"))),
+            ("pass@64", lambda m: m["pass@k"].get("64", float("nan"))), ("coverage", lambda m: m["coverage"]),
+            ("oversharpened", lambda m: m["oversharpened"]), ("entropy", lambda m: m["entropy"])]
+    names = list(columns)
+    lines = [f"{'':22}" + "".join(f"{n:>12}" for n in names)]
+    for split in ("train", "test"):
+        for label, get in rows:
+            lines.append(f"{split + ' ' + label:22}" + "".join(f"{get(columns[n][split]):12.3f}" for n in names))
+    return "\n".join(lines)
+
+
+def demo(argv: list[str]) -> None:
+    cfg = parse_config(argv, prog="")
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    print(f"\nbase vs {cfg.method} after {cfg.steps} RL steps (seed {cfg.seed}, n={cfg.eval_n} samples per query)")
+    print(format_table({"base": summary["base"], cfg.method: summary["final"]}))
+    tm = summary["timing"]
+    print(f"\nwarm-start {tm['warmstart_s']:.1f}s (0 = cached), RL {tm['rl_s']:.1f}s ({tm['rl_step_s'] * 1000:.0f} ms/step), "
+          f"total {time.perf_counter() - t0:.1f}s; summary: {Path(cfg.out) / 'summary.json'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = argv[0] if argv and not argv[0].startswith("-") else "demo"
+    rest = argv[1:] if cmd != "demo" else argv
+    if cmd == "train":
+        summary = train(parse_config(rest))
+        print(format_table({"base": summary["base"], summary["config"]["method"]: summary["final"]}))
+    elif cmd == "make-tasks":
+        p = argparse.ArgumentParser(prog="rlvr.py make-tasks")
+        p.add_argument("--out", default=str(HERE / "toy_tasks"), help="folder to write train/val/test.jsonl into")
+        p.add_argument("--seed", type=int, default=0, help="seed of the split")
+        a = p.parse_args(rest)
+        print(make_tasks(a.out, a.seed))
+    elif cmd == "demo":
+        demo(rest)
+    else:
+        sys.exit(f"rlvr.py: unknown command {cmd!r} (use train, make-tasks, or no command for the demo)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Tests for rlvr.py. Run: python -m pytest -q  (about a minute on 2 CPU cores)."""
+import copy
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rlvr
+
+torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------- fixtures: tiny tasks and models
+@pytest.fixture(scope="session")
+def tokenizer():
+    return rlvr.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    """A small task folder: a few digit sums and countdowns in each split."""
+    folder = tmp_path_factory.mktemp("tasks")
+    full = tmp_path_factory.mktemp("full")
+    rlvr.make_tasks(full, seed=0)
+    for split, n in (("train", 6), ("val", 2), ("test", 4)):
+        tasks = rlvr.load_tasks(full, split)
+        pick = [t for t in tasks if t["type"] == "digit_sum"][: n // 2] + [t for t in tasks if t["type"] == "countdown"][: n // 2]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(t) + "\n" for t in pick))
+    return folder
+
+
+def tiny_cfg(tmp_path, task_dir, **kw):
+    base = dict(tasks=str(task_dir), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), n_embd=32, n_layer=1,
+                n_head=2, ws_steps=30, ws_batch=32, steps=3, queries_per_step=4, group_size=4, eval_n=8, eval_every=2,
+                threads=2)
+    base.update(kw)
+    return rlvr.Config(**base)
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    return rlvr.build_policy(rlvr.Config(n_embd=32, n_layer=1, n_head=2), tokenizer).eval()
+
+
+# ---------------------------------------------------------------- verifiers
+SUM = {"type": "digit_sum", "terms": 3, "target": 15, "prompt": "sum3=15:"}
+CD = {"type": "countdown", "numbers": [3, 5, 7], "target": 22, "prompt": "3,5,7->22:"}
+
+
+def test_verify_correct_and_wrong():
+    assert rlvr.verify(SUM, "4+5+6") == 1.0
+    assert rlvr.verify(SUM, " 9+5+1 ") == 1.0  # surrounding whitespace is tolerated
+    for wrong in ["4+5+5", "15", "4+11", "0+6+9", "4+5+6+0", "5+5+5+", "4 + 5 + 6", "+4+5+6"]:
+        assert rlvr.verify(SUM, wrong) == 0.0, wrong
+    assert rlvr.verify(CD, "3*5+7") == 1.0
+    assert rlvr.verify(CD, "7+5*3") == 1.0  # precedence: 7 + 15
+    for wrong in ["3+5+7", "3*5+7+0", "3*5+8", "15+7", "(3*5)+7", "3*5+7*1", "5*3+7-0"]:
+        assert rlvr.verify(CD, wrong) == 0.0, wrong
+
+
+def test_verify_adversarial_strings_never_raise():
+    rng = random.Random(0)
+    alphabet = "0123456789+-*/()^e.x \n\t١٢٣" + "".join(chr(c) for c in range(0x20, 0x7f))
+    strings = ["", "+", "*" * 10, "9" * 10_000, "9**9**9**9", "(" * 5000 + "1" + ")" * 5000, "1e999999",
+               "\x00\x01", "٣+٥+٧", "𝟒+𝟓+𝟔", "3*5+7" * 200_000, None, 42]
+    strings += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    for task in (SUM, CD):
+        for s in strings:
+            assert rlvr.verify(task, s) in (0.0, 1.0)
+    assert rlvr.verify({"type": "no-such-type"}, "1") == 0.0
+
+
+@pytest.mark.parametrize("task", [SUM, {**SUM, "terms": 2, "target": 10}, CD, {**CD, "numbers": [2, 2, 3], "target": 7}])
+def test_enumerate_solutions_is_exactly_the_verified_set(task):
+    sols = rlvr.enumerate_solutions(task)
+    assert len(sols) == len(set(sols)) > 1
+    # brute force every string of the right shape: the verifier accepts exactly the enumerated ones
+    if task["type"] == "digit_sum":
+        space = ["+".join(map(str, d)) for d in itertools.product(range(10), repeat=task["terms"])]
+    else:
+        nums = sorted(set(range(1, 10)) | set(task["numbers"]))
+        space = [f"{a}{o1}{b}{o2}{c}" for a, b, c in itertools.product(nums, repeat=3) for o1 in "+-*" for o2 in "+-*"]
+    accepted = sorted(s for s in space if rlvr.verify(task, s) == 1.0)
+    assert accepted == sorted(sols)
+
+
+def test_digit_sum_count_matches_combinatorics():
+    # ordered triples of digits 1-9 summing to 15: C(14, 2) compositions minus 3 * C(5, 2) with a part >= 10
+    assert len(rlvr.enumerate_solutions(SUM)) == math.comb(14, 2) - 3 * math.comb(5, 2) == 61
+
+
+def test_committed_task_files_are_the_generator_output(tmp_path):
+    rlvr.make_tasks(tmp_path, seed=0)
+    for split in ("train", "val", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_text() == (rlvr.HERE / "toy_tasks" / f"{split}.jsonl").read_text()
+    prompts = {s: {t["prompt"] for t in rlvr.load_tasks(tmp_path, s)} for s in ("train", "val", "test")}
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"]
+    for t in rlvr.load_tasks(tmp_path, "train"):
+        assert t["num_solutions"] == len(rlvr.enumerate_solutions(t)) >= 3
+
+
+# ---------------------------------------------------------------- pass@k and advantages
+@pytest.mark.parametrize("n,c", [(5, 0), (5, 1), (6, 3), (7, 7), (8, 2)])
+def test_pass_at_k_matches_brute_force(n, c):
+    outcomes = [1] * c + [0] * (n - c)
+    for k in range(1, n + 1):
+        subsets = list(itertools.combinations(range(n), k))
+        brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+        assert rlvr.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+
+
+def test_pass_at_k_rejects_impossible_arguments():
+    with pytest.raises(ValueError):
+        rlvr.pass_at_k(4, 1, 5)
+    with pytest.raises(ValueError):
+        rlvr.pass_at_k(4, 5, 1)
+
+
+def test_grpo_advantages_hand_computed_and_degenerate_groups():
+    r = torch.tensor([[1.0, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
+    a = rlvr.grpo_advantages(r)
+    s = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    assert torch.allclose(a[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (s + 1e-4))
+    assert torch.equal(a[1:], torch.zeros(2, 4))
+    assert not torch.isnan(a).any()
+
+
+def test_ppo_clip_loss_is_policy_gradient_on_policy():
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.2, 0.1]])).requires_grad_()
+    mask = torch.tensor([[1, 1], [1, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, _ = rlvr.ppo_clip_loss(logp, logp.detach(), adv, mask)
+    loss.backward()
+    # d loss / d logp = -A * mask / n_tokens when the ratio is 1
+    assert torch.allclose(logp.grad, torch.tensor([[-1 / 3, -1 / 3], [2 / 3, 0]]))
+
+
+# ---------------------------------------------------------------- tokenizer, policy, sampler
+def test_tokenizer_and_checkpoint_round_trip_through_auto_classes(tmp_path, tokenizer, tiny_model):
+    text = "3,5,7->22:3*5+7"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tokenizer.decode(ids) == text
+    rlvr.save_policy(tiny_model, tokenizer, tmp_path / "ckpt")
+    model2 = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    tok2 = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert tok2(text, add_special_tokens=False)["input_ids"] == ids and tok2.decode(ids) == text
+    x = torch.tensor([ids])
+    assert torch.allclose(model2(x).logits, tiny_model(x).logits)
+    assert not list(tmp_path.glob("*.tmp*"))  # the atomic save left no temporary folder
+
+
+def test_sampler_masks_after_eos_and_group_samples_differ(tokenizer, tiny_model):
+    prompts = tokenizer(["sum3=15:"] * 16 + ["3,5,7->22:"] * 16, add_special_tokens=False)["input_ids"]
+    gen = torch.Generator().manual_seed(0)
+    r = rlvr.sample(tiny_model, tokenizer, prompts, max_new_tokens=8, generator=gen)
+    comp, mask = r.completion_ids, r.completion_mask
+    eos = tokenizer.eos_token_id
+    for i in range(len(prompts)):
+        hits = (comp[i] == eos).nonzero()
+        if len(hits):
+            first = hits[0].item()
+            assert mask[i, : first + 1].all() and not mask[i, first + 1:].any()
+            assert (comp[i, first + 1:] == tokenizer.pad_token_id).all()
+            assert r.finished[i]
+        else:
+            assert mask[i].all() and not r.finished[i]
+    assert len(set(r.texts[:16])) > 4 and len(set(r.texts[16:])) > 4  # an untrained policy samples diversely
+    # seeded: the same generator seed gives the same samples
+    r2 = rlvr.sample(tiny_model, tokenizer, prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(0))
+    assert r2.texts == r.texts
+
+
+def test_sampler_matches_teacher_forced_probabilities(tokenizer, tiny_model):
+    """Left padding and the KV cache must not change the model: the sampled tokens' log-probs agree with one full forward."""
+    prompts = tokenizer(["sum3=4:", "3,5,7->22:", "1,1,1->3:"] * 4, add_special_tokens=False)["input_ids"]
+    r = rlvr.sample(tiny_model, tokenizer, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(1), with_entropy=True)
+    with torch.no_grad():
+        logp, ent, _ = rlvr.completion_logprobs(tiny_model, r, with_entropy=True)
+    # the same prompt alone (no padding) gives the same log-probs
+    one = rlvr._make_rollouts(tokenizer, torch.tensor([prompts[0]]), torch.ones(1, len(prompts[0]), dtype=torch.long), r.completion_ids[:1], None)
+    with torch.no_grad():
+        logp_one, _, _ = rlvr.completion_logprobs(tiny_model, one)
+    m = r.completion_mask.bool()
+    assert torch.allclose(logp[0][m[0]], logp_one[0][m[0]], atol=1e-5)
+    assert torch.allclose(ent[m], r.entropy[m], atol=1e-4)
+
+
+def test_sequence_logprobs_sum_to_at_most_one(tokenizer, tiny_model):
+    task = {**SUM, "target": 5}
+    sols = rlvr.enumerate_solutions(task)
+    ids = tokenizer([task["prompt"]] * len(sols), add_special_tokens=False)["input_ids"]
+    lp = rlvr.sequence_logprobs(tiny_model, tokenizer, ids, sols)
+    assert lp.shape == (len(sols),) and (lp < 0).all() and lp.exp().sum() < 1
+
+
+# ---------------------------------------------------------------- RL step and end to end
+@pytest.fixture(scope="session")
+def warm_model(task_dir, tokenizer):
+    """A tiny policy warm-started briefly, so that groups hold both correct and wrong completions."""
+    cfg = rlvr.Config(n_embd=32, n_layer=1, n_head=2, ws_steps=150, ws_batch=64, seed=0)
+    train = rlvr.TaskSet.build(rlvr.load_tasks(task_dir, "train"), tokenizer)
+    return rlvr.warm_start(cfg, train, tokenizer, torch.device("cpu")), train
+
+
+def test_one_rl_step_changes_parameters(tmp_path, task_dir, tokenizer, warm_model):
+    model, train = warm_model
+    model = copy.deepcopy(model)
+    cfg = tiny_cfg(tmp_path, task_dir, group_size=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = rlvr.rl_step(cfg, model, tokenizer, opt, train, list(range(len(train))), torch.Generator().manual_seed(0))
+    assert 0 < stats["reward"] < 1, "the warm-started model should solve some but not all samples"
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_end_to_end_writes_summary(tmp_path, task_dir):
+    cfg = tiny_cfg(tmp_path, task_dir)
+    summary = rlvr.train(cfg)
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert set(on_disk) == {"config", "base", "final", "timing"}
+    assert set(on_disk["timing"]) >= {"warmstart_s", "rl_s", "rl_step_s"}
+    for stage in ("base", "final"):
+        for split in ("train", "test"):
+            m = on_disk[stage][split]
+            assert set(m) >= {"pass@1", "pass@k", "coverage", "oversharpened", "entropy"}
+            assert list(m["pass@k"]) == ["1", "2", "4", "8"]
+            ks = list(m["pass@k"].values())
+            assert all(0 <= v <= 1 for v in ks) and ks == sorted(ks)  # pass@k never falls with k
+            assert m["pass@1"] == m["pass@k"]["1"] and 0 <= m["coverage"] <= 1 and 0 <= m["oversharpened"] <= 1
+    assert on_disk["base"]["train"]["oversharpened"] == 0.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "reward" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval" in r] == [2, 3]
+    # the warm-started base is cached: a second run reuses it
+    again = rlvr.train(tiny_cfg(tmp_path, task_dir, out=str(tmp_path / "run2")))
+    assert again["timing"]["warmstart_s"] == 0.0 and again["base"] == summary["base"]
