@@ -75,7 +75,7 @@ class Config:
     tasks: str = field(default=str(HERE / "toy_tasks"), metadata={"help": "folder with train/val/test .jsonl task files"})
     out: str = field(default="runs/demo", metadata={"help": "output folder (summary.json, metrics.jsonl, checkpoint)"})
     seed: int = field(default=0, metadata={"help": "seed for the warm-start, the RL sampling and the evaluation"})
-    method: str = field(default="grpo", metadata={"help": "advantage estimator: grpo"})
+    method: str = field(default="grpo", metadata={"help": "grpo, iac, dlc or iac+dlc (calibrations on top of the GRPO estimator)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores, at most 4; tiny models gain nothing from more)"})
     # policy
@@ -88,7 +88,7 @@ class Config:
     ws_lr: float = field(default=3e-3, metadata={"help": "warm-start learning rate"})
     cache_dir: str = field(default=str(HERE / ".cache"), metadata={"help": "where warm-started base policies are cached"})
     # RL
-    steps: int = field(default=200, metadata={"help": "RL steps"})
+    steps: int = field(default=300, metadata={"help": "RL steps"})
     queries_per_step: int = field(default=16, metadata={"help": "training queries per RL step"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per query (G)"})
     lr: float = field(default=3e-4, metadata={"help": "RL learning rate (AdamW); 1e-3 diverges within 5 steps on the toy tasks"})
@@ -98,6 +98,15 @@ class Config:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and evaluation"})
     max_new_tokens: int = field(default=8, metadata={"help": "longest completion, EOS included"})
+    # the paper's calibrations (used when --method names them)
+    iac_alpha: float = field(default=1.0, metadata={"help": "IAC exponent: positive advantages x (G - #correct)^alpha (paper: 1)"})
+    iac_renorm: bool = field(default=False, metadata={"help": "rescale IAC advantages to the batch's original mean |A| (off: the paper shows none)"})
+    dlc_mu: float = field(default=0.6, metadata={"help": "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy)"})
+    dlc_is_cap: float = field(default=0.0, metadata={"help": "truncated importance weight pi/q <= cap for DLC samples (0 = none: a decoupled sampler, so modes the policy would not sample keep their credit)"})
+    mem_width: int = field(default=64, metadata={"help": "memory network hidden width"})
+    mem_window: int = field(default=4, metadata={"help": "memory is trained on the rollouts of the last this many RL steps (FIFO)"})
+    mem_steps: int = field(default=4, metadata={"help": "memory Adam steps on the window after every RL step"})
+    mem_lr: float = field(default=3e-3, metadata={"help": "memory learning rate"})
     # evaluation
     eval_n: int = field(default=64, metadata={"help": "samples per query for pass@k and coverage"})
     eval_every: int = field(default=50, metadata={"help": "evaluate train and test every this many RL steps (0: only at the end)"})
@@ -321,7 +330,8 @@ class Rollouts:
     prompt_len: int                # P
     texts: list[str]               # decoded completions, EOS excluded
     finished: torch.Tensor         # [B] bool, emitted EOS within max_new_tokens
-    entropy: torch.Tensor | None = None  # [B, T] token entropy of the sampling distribution
+    entropy: torch.Tensor | None = None      # [B, T] token entropy of the policy while sampling
+    sample_logp: torch.Tensor | None = None  # [B, T] log-prob of each token under the distribution it was sampled from
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -345,8 +355,12 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-           generator: torch.Generator | None = None, with_entropy: bool = False) -> Rollouts:
-    """Sample one completion per prompt (repeat a prompt G times for a group), batched, KV cache, stop at EOS."""
+           generator: torch.Generator | None = None, with_entropy: bool = False, memory=None, mu: float = 0.0) -> Rollouts:
+    """Sample one completion per prompt (repeat a prompt G times for a group), batched, KV cache, stop at EOS.
+
+    With a `memory` network, each token comes from the DLC-calibrated distribution
+    softmax(log pi(.|h) - mu * log m(.|h)) (see `dlc_calibrate`); entropy is always the plain policy's.
+    """
     device = next(model.parameters()).device
     base, head, cache_kw = model.base_model, model.get_output_embeddings(), _cache_kwarg(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -357,11 +371,14 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     hidden = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     ent = torch.zeros((B, max_new_tokens), device=device) if with_entropy else None
+    sample_logp = torch.zeros((B, max_new_tokens), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = pos[:, -1:]
     for t in range(max_new_tokens):
         logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # [B, V]
-        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        logq = logp if memory is None else dlc_calibrate(logp, memory(hidden), mu)  # the sampling distribution
+        tok = torch.multinomial(logq.exp(), 1, generator=generator).squeeze(1)
+        sample_logp[:, t] = logq.gather(1, tok[:, None]).squeeze(1)
         if with_entropy:
             ent[:, t] = -(logp.exp() * logp).sum(-1) * (~done)
         out[:, t] = torch.where(done, pad, tok)
@@ -372,7 +389,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
         next_pos = next_pos + 1
         hidden = base(input_ids=out[:, t:t + 1], attention_mask=mask, position_ids=next_pos, use_cache=True,
                       **{cache_kw: cache}).last_hidden_state[:, -1]
-    return _make_rollouts(tokenizer, ids, prompt_mask, out, ent)
+    rollouts = _make_rollouts(tokenizer, ids, prompt_mask, out, ent)
+    rollouts.sample_logp = sample_logp
+    return rollouts
 
 
 def _make_rollouts(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor,
@@ -450,17 +469,126 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 ADVANTAGES = {"grpo": grpo_advantages}
 
 
+def inverse_success_calibration(advantages: torch.Tensor, rewards: torch.Tensor, alpha: float = 1.0,
+                                renorm: bool = False) -> torch.Tensor:
+    """IAC (arXiv 2601.15609): multiply each group's *positive* advantages by (G - |S+|)^alpha; negatives unchanged.
+
+    The factor is the group's number of failures. A hard query (1 of 8 correct) gets its rare success
+    amplified x7; an easy one (7 of 8 correct) x1, so the dominant mode of easy queries, whose push
+    would spread to other queries through shared parameters, is no longer what drives the update.
+    Example, G = 4, rewards [1, 0, 0, 0]: GRPO gives [1.5, -0.5, -0.5, -0.5], IAC [4.5, -0.5, -0.5, -0.5].
+    advantages, rewards: [num_queries, G]. All-correct and all-wrong groups stay exactly 0.
+    renorm: rescale the batch so its mean |A| is unchanged (the paper shows none, hence off by default).
+    """
+    group_size = rewards.shape[1]
+    failures = group_size - (rewards > 0).sum(dim=1, keepdim=True)
+    calibrated = torch.where(advantages > 0, advantages * failures.to(advantages.dtype) ** alpha, advantages)
+    if renorm and calibrated.abs().sum() > 0:
+        calibrated = calibrated * (advantages.abs().sum() / calibrated.abs().sum())
+    return calibrated
+
+
+# ----------------------------------------------------------------------------------------------
+# Distribution-level calibration (DLC): a memory network of what the policy already sampled
+# ----------------------------------------------------------------------------------------------
+class MemoryNetwork(torch.nn.Module):
+    """Predicts the next token *the policy sampled* from the policy's detached hidden state at that position.
+
+    Project's choice of architecture: a 2-layer MLP head on the policy's last hidden state rather than a
+    second causal LM, because the decode loop already computes that state: DLC then costs one small
+    matmul per token instead of a second transformer (a separate 1-layer LM was as effective in our
+    prototype and doubled the step time). The last layer starts at zero, so the memory starts uniform
+    and DLC is a no-op until it has seen rollouts.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, width: int = 64):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(hidden_size, width), torch.nn.GELU(), torch.nn.Linear(width, vocab_size))
+        torch.nn.init.zeros_(self.net[-1].weight)
+        torch.nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.net(hidden.detach().float()), dim=-1)  # normalised: mu has one meaning at every step
+
+
+def dlc_calibrate(policy_logp: torch.Tensor, memory_logp: torch.Tensor, mu: float) -> torch.Tensor:
+    """DLC (arXiv 2601.15609): sample from softmax(z_policy - mu * z_memory), both as log-softmax.
+
+    Tokens the policy has produced often (high memory log-prob) are pushed down, rarely visited but
+    valid ones up, so a finite group reaches more of the correct modes and each receives positive credit:
+    the sampling bias that makes GRPO over-sharpen shrinks. With mu = 0 this is exactly the policy.
+    """
+    return torch.log_softmax(policy_logp - mu * memory_logp, dim=-1)
+
+
+class Memory:
+    """The memory network plus its training data: a FIFO window of recent rollouts (hidden state, sampled token)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, cfg: "Config", device: torch.device):
+        self.net = MemoryNetwork(hidden_size, vocab_size, cfg.mem_width).to(device)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.mem_lr)
+        self.window: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.window_size, self.steps = cfg.mem_window, cfg.mem_steps
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden)
+
+    def update(self, hidden: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> float:
+        """Add a batch of rollouts to the window, then fit the memory to the whole window by cross-entropy."""
+        keep = mask.bool()
+        self.window = (self.window + [(hidden[keep].detach(), tokens[keep])])[-self.window_size:]
+        h = torch.cat([w[0] for w in self.window])
+        y = torch.cat([w[1] for w in self.window])
+        for _ in range(self.steps):
+            loss = F.nll_loss(self.net(h), y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        return loss.item()
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "window": self.window}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.window = state["window"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: a base estimator plus optional calibrations, e.g. "grpo", "iac" (= grpo+iac), "iac+dlc"
+# ----------------------------------------------------------------------------------------------
+CALIBRATIONS = ("iac", "dlc")
+
+
+def parse_method(method: str) -> tuple[str, set[str]]:
+    """'iac+dlc' -> ('grpo', {'iac', 'dlc'}); the base estimator defaults to GRPO."""
+    parts = [p.strip() for p in method.lower().split("+") if p.strip()]
+    bases = [p for p in parts if p in ADVANTAGES]
+    unknown = [p for p in parts if p not in ADVANTAGES and p not in CALIBRATIONS]
+    if unknown or len(bases) > 1 or not parts:
+        raise ValueError(f"unknown method {method!r}: use one of {sorted(ADVANTAGES)} optionally joined with "
+                         f"{' / '.join(CALIBRATIONS)} by '+', e.g. 'grpo', 'iac+dlc'")
+    return (bases[0] if bases else "grpo"), set(parts) - set(bases)
+
+
 # ----------------------------------------------------------------------------------------------
 # The update: token-level PPO-clip loss with optional k3 KL to the base
 # ----------------------------------------------------------------------------------------------
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                  clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0):
-    """Token-level PPO-clip surrogate. logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. Returns (loss, metrics)."""
+                  clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+                  weights: torch.Tensor | None = None):
+    """Token-level PPO-clip surrogate. logp, old_logp, ref_logp, mask, weights: [B, T]; advantages: [B].
+
+    weights: optional per-token importance weights (detached), e.g. pi/q for DLC samples. Returns (loss, metrics).
+    """
     mask = mask.float()
     n_tokens = mask.sum().clamp(min=1)
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if weights is not None:
+        surrogate = surrogate * weights
     loss = -(surrogate * mask).sum() / n_tokens
     metrics = {"clip_frac": (((ratio - 1).abs() > clip_eps).float() * mask).sum().item() / n_tokens.item()}
     if ref_logp is not None and kl_coef > 0:
@@ -570,6 +698,16 @@ def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
     return model, time.perf_counter() - t0, path
 
 
+def load_checkpoint(path: str | Path, cfg: Config, device: torch.device):
+    """Policy, tokenizer and (for DLC runs) the memory network with its optimizer and replay window."""
+    model, tokenizer = load_policy(path, device)
+    memory = None
+    if (Path(path) / "memory.pt").exists():
+        memory = Memory(model.config.hidden_size, len(tokenizer), cfg, device)
+        memory.load_state_dict(torch.load(Path(path) / "memory.pt", map_location=device, weights_only=False))
+    return model, tokenizer, memory
+
+
 def save_policy(model, tokenizer, path: Path, extra: dict[str, object] | None = None) -> None:
     """Write a checkpoint atomically: to a temporary folder first, then rename it into place."""
     path = Path(path)
@@ -598,34 +736,47 @@ class JsonlLog:
         self.f.flush()
 
 
-def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator, base=None) -> dict:
+def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator,
+            base=None, memory: Memory | None = None) -> dict:
     """One RL step on `queries`: sample groups, verify, advantages, one PPO-clip update. Returns logged stats."""
     device = next(policy.parameters()).device
-    # 1. sample a group of completions for each query, all in one batch
+    estimator, calibrations = parse_method(cfg.method)
+    # 1. sample a group of completions for each query, all in one batch (DLC: from the calibrated distribution)
     tasks = [train_set.tasks[q] for q in queries for _ in range(cfg.group_size)]
     prompts = [train_set.prompt_ids[q] for q in queries for _ in range(cfg.group_size)]
-    rollouts = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, gen)
+    rollouts = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, gen, memory=memory, mu=cfg.dlc_mu)
     # 2. verify, then turn rewards into advantages one group at a time
     rewards = rewards_for(tasks, rollouts).view(len(queries), cfg.group_size)
-    advantages = ADVANTAGES[cfg.method](rewards).view(-1).to(device)
+    advantages = ADVANTAGES[estimator](rewards)
+    if "iac" in calibrations:
+        advantages = inverse_success_calibration(advantages, rewards, cfg.iac_alpha, cfg.iac_renorm)
+    advantages = advantages.view(-1).to(device)
     # 3. one PPO-clip step; on-policy, so the old log-probs are the detached current ones (ratio = 1)
-    logp, entropy, _ = completion_logprobs(policy, rollouts, with_entropy=True)
-    ref_logp = None
+    logp, entropy, hidden = completion_logprobs(policy, rollouts, with_entropy=True)
+    mask = rollouts.completion_mask
+    ref_logp = weights = None
     if cfg.kl_coef > 0:
         with torch.no_grad():
             ref_logp, _, _ = completion_logprobs(base, rollouts)
-    loss, stats = ppo_clip_loss(logp, logp.detach(), advantages, rollouts.completion_mask, cfg.clip_eps, ref_logp, cfg.kl_coef)
+    if memory is not None and cfg.dlc_is_cap > 0:  # optional correction for sampling from q instead of pi
+        weights = torch.exp(logp.detach() - rollouts.sample_logp).clamp(max=cfg.dlc_is_cap)
+    loss, stats = ppo_clip_loss(logp, logp.detach(), advantages, mask, cfg.clip_eps, ref_logp, cfg.kl_coef, weights)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
     opt.step()
-    mask = rollouts.completion_mask
+    # 4. DLC: the memory learns what was just sampled, so the next groups are steered away from it
+    if memory is not None:
+        stats["memory_loss"] = memory.update(hidden, rollouts.completion_ids, mask)
     return {"reward": rewards.mean().item(), "loss": loss.item(), "grad_norm": grad_norm.item(),
-            "entropy": ((entropy.detach() * mask).sum() / mask.sum()).item(), **stats}
+            "entropy": ((entropy.detach() * mask).sum() / mask.sum()).item(),
+            "distinct_correct": len({(t["id"], x) for t, x, r in zip(tasks, rollouts.texts, rewards.view(-1).tolist()) if r > 0}),
+            "tokens": int(mask.sum()), **stats}
 
 
 def train(cfg: Config) -> dict:
     """Warm-start (or load) the base, run RL with the chosen method, evaluate, write summary.json."""
+    parse_method(cfg.method)  # refuse an unknown method before any work
     set_threads(cfg)
     device = pick_device(cfg.device)
     out = Path(cfg.out)
@@ -651,11 +802,14 @@ def train(cfg: Config) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     query_rng = random.Random(cfg.seed)
     train_set = splits["train"]
+    memory = None
+    if "dlc" in parse_method(cfg.method)[1]:
+        memory = Memory(policy.config.hidden_size, len(tokenizer), cfg, device)
     rl_s = 0.0
     for step in tqdm(range(1, cfg.steps + 1), desc=f"RL {cfg.method}", disable=None):
         queries = [query_rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
         t0 = time.perf_counter()
-        stats = rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base)
+        stats = rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory)
         rl_s += time.perf_counter() - t0
         log.write({"step": step, **stats})
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
@@ -663,7 +817,7 @@ def train(cfg: Config) -> dict:
             log.write({"step": step, "eval": m})
     final_metrics, _ = eval_all(policy, base_lp, tag="final ")
     log.write({"step": cfg.steps, "eval": final_metrics})
-    save_policy(policy, tokenizer, out / "checkpoint")
+    save_policy(policy, tokenizer, out / "checkpoint", {"memory.pt": memory.state_dict()} if memory else None)
     summary = {"config": dataclasses.asdict(cfg), "base": base_metrics, "final": final_metrics,
                "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(rl_s, 3), "rl_step_s": round(rl_s / max(cfg.steps, 1), 4)}}
     write_json(out / "summary.json", summary)
@@ -674,6 +828,54 @@ def write_json(path: Path, obj) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: sampler and DLC cost, RL step time (measured side by side in one process)
+# ----------------------------------------------------------------------------------------------
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench(cfg: Config, repeats: int = 15) -> dict:
+    """Plain vs DLC sampling (alternated, median of `repeats`) and the full RL step, on the default base and batch."""
+    set_threads(cfg)
+    device = pick_device(cfg.device)
+    tokenizer = build_tokenizer()
+    train_set = TaskSet.build(load_tasks(cfg.tasks, "train"), tokenizer)
+    _, _, base_path = get_base(cfg, train_set, tokenizer, device)
+    policy, _ = load_policy(base_path, device)
+    rng = random.Random(cfg.seed)
+    queries = [rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
+    prompts = [train_set.prompt_ids[q] for q in queries for _ in range(cfg.group_size)]
+    memory = Memory(policy.config.hidden_size, len(tokenizer), cfg, device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    for _ in range(3):  # warm up, and give the memory something to remember
+        rl_step(dataclasses.replace(cfg, method="iac+dlc"), policy, tokenizer, opt, train_set, queries, gen, None, memory)
+    tokens = {"plain": [], "dlc": []}
+    times = {"plain": [], "dlc": []}
+    for _ in range(repeats):
+        for kind, mem in (("plain", None), ("dlc", memory)):  # alternate, so drift hits both alike
+            t0 = time.perf_counter()
+            r = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, gen, memory=mem, mu=cfg.dlc_mu)
+            times[kind].append(time.perf_counter() - t0)
+            tokens[kind].append(int(r.completion_mask.sum()))
+    tps = {k: float(np.median([n / t for n, t in zip(tokens[k], times[k])])) for k in times}
+    step_s = {m: _median_time(lambda: rl_step(dataclasses.replace(cfg, method=m), policy, tokenizer, opt, train_set,
+                                                queries, gen, None, memory if "dlc" in m else None), repeats)
+              for m in ("grpo", "iac+dlc")}
+    result = {"sample_tokens_per_s": round(tps["plain"], 1), "dlc_sample_tokens_per_s": round(tps["dlc"], 1),
+              "dlc_overhead": round(tps["plain"] / tps["dlc"], 3), "rl_step_s": round(step_s["grpo"], 4),
+              "dlc_rl_step_s": round(step_s["iac+dlc"], 4), "batch": f"{cfg.queries_per_step}x{cfg.group_size}",
+              "max_new_tokens": cfg.max_new_tokens, "device": str(device), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "transformers": transformers.__version__, "repeats": repeats}
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,15 +894,26 @@ def format_table(columns: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+DEMO_METHODS = ("grpo", "iac+dlc")
+
+
 def demo(argv: list[str]) -> None:
+    """The default run: from one warm-started base, GRPO and IAC+DLC with the same seed and budget, side by side."""
     cfg = parse_config(argv, prog="")
     t0 = time.perf_counter()
-    summary = train(cfg)
-    print(f"\nbase vs {cfg.method} after {cfg.steps} RL steps (seed {cfg.seed}, n={cfg.eval_n} samples per query)")
-    print(format_table({"base": summary["base"], cfg.method: summary["final"]}))
-    tm = summary["timing"]
-    print(f"\nwarm-start {tm['warmstart_s']:.1f}s (0 = cached), RL {tm['rl_s']:.1f}s ({tm['rl_step_s'] * 1000:.0f} ms/step), "
-          f"total {time.perf_counter() - t0:.1f}s; summary: {Path(cfg.out) / 'summary.json'}")
+    columns, timing = {}, {}
+    for method in DEMO_METHODS:
+        run_cfg = dataclasses.replace(cfg, method=method, out=str(Path(cfg.out) / method.replace("+", "-")))
+        summary = train(run_cfg)
+        columns.setdefault("base", summary["base"])
+        columns[method], timing[method] = summary["final"], summary["timing"]
+    print(f"\nbase vs {' vs '.join(DEMO_METHODS)}: {cfg.steps} RL steps of {cfg.queries_per_step} queries x "
+          f"{cfg.group_size} samples, seed {cfg.seed}, metrics from n={cfg.eval_n} samples per query")
+    print(format_table(columns))
+    ws = max(t["warmstart_s"] for t in timing.values())
+    print(f"\nwarm-start {ws:.1f}s (0 = cached base reused); "
+          + "; ".join(f"{m} RL {t['rl_s']:.1f}s ({t['rl_step_s'] * 1000:.0f} ms/step)" for m, t in timing.items())
+          + f"; total {time.perf_counter() - t0:.1f}s. Summaries in {cfg.out}/*/summary.json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -716,10 +929,16 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--seed", type=int, default=0, help="seed of the split")
         a = p.parse_args(rest)
         print(make_tasks(a.out, a.seed))
+    elif cmd == "bench":
+        cfg = parse_config(rest, prog="bench")
+        result = bench(cfg)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(cfg.out) / "bench.json", result)
+        print(json.dumps(result, indent=1))
     elif cmd == "demo":
         demo(rest)
     else:
-        sys.exit(f"rlvr.py: unknown command {cmd!r} (use train, make-tasks, or no command for the demo)")
+        sys.exit(f"rlvr.py: unknown command {cmd!r} (use train, bench, make-tasks, or no command for the demo)")
 
 
 if __name__ == "__main__":

@@ -241,3 +241,80 @@ def test_end_to_end_writes_summary(tmp_path, task_dir):
     # the warm-started base is cached: a second run reuses it
     again = rlvr.train(tiny_cfg(tmp_path, task_dir, out=str(tmp_path / "run2")))
     assert again["timing"]["warmstart_s"] == 0.0 and again["base"] == summary["base"]
+
+
+# ---------------------------------------------------------------- the paper's calibrations: IAC and DLC
+def test_iac_hand_computed():
+    rewards = torch.tensor([[1.0, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0]])
+    adv = rlvr.grpo_advantages(rewards)
+    cal = rlvr.inverse_success_calibration(adv, rewards, alpha=1.0)
+    pos = adv > 0
+    assert torch.equal(cal[pos], adv[pos] * 5)  # 8 - 3 correct = 5 failures
+    assert torch.equal(cal[~pos], adv[~pos])  # negatives untouched
+    assert torch.equal(cal[1:], torch.zeros(2, 8))  # all-correct and all-wrong groups stay exactly 0
+    # alpha scales the exponent; the example from the docstring
+    r = torch.tensor([[1.0, 0, 0, 0]])
+    a = torch.tensor([[1.5, -0.5, -0.5, -0.5]])
+    assert torch.equal(rlvr.inverse_success_calibration(a, r, alpha=2.0), torch.tensor([[13.5, -0.5, -0.5, -0.5]]))
+    renormed = rlvr.inverse_success_calibration(adv, rewards, renorm=True)
+    assert torch.allclose(renormed.abs().sum(), adv.abs().sum()) and (renormed[pos] > 0).all()
+
+
+def test_parse_method():
+    assert rlvr.parse_method("grpo") == ("grpo", set())
+    assert rlvr.parse_method("iac+dlc") == ("grpo", {"iac", "dlc"})
+    assert rlvr.parse_method("dlc") == ("grpo", {"dlc"})
+    for bad in ("", "ppo", "iac+foo", "grpo+grpo2"):
+        with pytest.raises(ValueError, match="unknown method"):
+            rlvr.parse_method(bad)
+
+
+def test_dlc_with_mu_zero_is_exactly_the_plain_sampler(tokenizer, warm_model):
+    model, train = warm_model
+    memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), rlvr.Config(), torch.device("cpu"))
+    torch.nn.init.normal_(memory.net.net[-1].weight)  # a memory with opinions, so mu is what makes it a no-op
+    prompts = [p for p in train.prompt_ids for _ in range(8)]
+    plain = rlvr.sample(model, tokenizer, prompts, 8, generator=torch.Generator().manual_seed(3))
+    dlc0 = rlvr.sample(model, tokenizer, prompts, 8, generator=torch.Generator().manual_seed(3), memory=memory, mu=0.0)
+    dlc1 = rlvr.sample(model, tokenizer, prompts, 8, generator=torch.Generator().manual_seed(3), memory=memory, mu=1.0)
+    assert torch.equal(plain.input_ids, dlc0.input_ids) and plain.texts == dlc0.texts
+    assert not torch.equal(plain.input_ids, dlc1.input_ids)
+
+
+def test_memory_learns_a_repeated_completion_and_dlc_avoids_it(tokenizer, warm_model):
+    model, train = warm_model
+    q = next(i for i, t in enumerate(train.tasks) if t["type"] == "digit_sum")
+    prompt = train.prompt_ids[q]
+    plain = rlvr.sample(model, tokenizer, [prompt] * 512, 8, generator=torch.Generator().manual_seed(0))
+    target = max(set(plain.texts), key=plain.texts.count)  # the policy's favourite completion
+    memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), rlvr.Config(mem_steps=20, mem_lr=1e-2), torch.device("cpu"))
+    r = rlvr.rollouts_from_text(tokenizer, [prompt] * 64, [target] * 64, torch.device("cpu"))
+    with torch.no_grad():
+        _, _, hidden = rlvr.completion_logprobs(model, r)
+
+    def memory_logprob():
+        with torch.no_grad():
+            lp = memory(hidden[:1]).gather(-1, r.completion_ids[:1, :, None]).squeeze(-1)
+        return (lp * r.completion_mask[:1]).sum().item()
+
+    before = memory_logprob()
+    for _ in range(3):
+        memory.update(hidden, r.completion_ids, r.completion_mask)
+    assert memory_logprob() > before + 1.0
+    dlc = rlvr.sample(model, tokenizer, [prompt] * 512, 8, generator=torch.Generator().manual_seed(0), memory=memory, mu=0.6)
+    assert dlc.texts.count(target) < 0.5 * plain.texts.count(target)
+
+
+def test_checkpoint_round_trip_restores_memory(tmp_path, task_dir):
+    cfg = tiny_cfg(tmp_path, task_dir, method="iac+dlc", eval_every=0)
+    rlvr.train(cfg)
+    policy, tokenizer, memory = rlvr.load_checkpoint(tmp_path / "run" / "checkpoint", cfg, torch.device("cpu"))
+    saved = torch.load(tmp_path / "run" / "checkpoint" / "memory.pt", weights_only=False)
+    assert memory is not None and len(memory.window) == min(cfg.steps, cfg.mem_window)
+    for k, v in saved["net"].items():
+        assert torch.equal(memory.net.state_dict()[k], v)
+    assert memory.net.net[-1].weight.abs().sum() > 0  # it was trained, not a fresh zero-initialised head
+    h = torch.randn(3, policy.config.hidden_size)
+    assert torch.allclose(memory(h), memory(h)) and memory(h).exp().sum(-1).allclose(torch.ones(3))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["method"] == "iac+dlc" and summary["config"]["dlc_mu"] == cfg.dlc_mu
