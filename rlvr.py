@@ -86,6 +86,7 @@ class Config:
     ws_steps: int = field(default=300, metadata={"help": "warm-start SFT steps"})
     ws_batch: int = field(default=128, metadata={"help": "warm-start sequences per step"})
     ws_lr: float = field(default=3e-3, metadata={"help": "warm-start learning rate"})
+    base_seed: int = field(default=0, metadata={"help": "warm-start seed; fixed so every method and RL seed starts from one base (-1: use --seed)"})
     cache_dir: str = field(default=str(HERE / ".cache"), metadata={"help": "where warm-started base policies are cached"})
     # RL
     steps: int = field(default=300, metadata={"help": "RL steps"})
@@ -94,7 +95,7 @@ class Config:
     lr: float = field(default=3e-4, metadata={"help": "RL learning rate (AdamW); 1e-3 diverges within 5 steps on the toy tasks"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay in RL (0: decay would pull towards 0, not the base)"})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip epsilon"})
-    kl_coef: float = field(default=0.0, metadata={"help": "k3 KL penalty to the base policy (0 = off, TRL's default)"})
+    ppo_epochs: int = field(default=1, metadata={"help": "updates per batch; 1 = exactly on-policy (ratio 1, clipping never acts)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and evaluation"})
     max_new_tokens: int = field(default=8, metadata={"help": "longest completion, EOS included"})
@@ -107,14 +108,24 @@ class Config:
     mem_window: int = field(default=4, metadata={"help": "memory is trained on the rollouts of the last this many RL steps (FIFO)"})
     mem_steps: int = field(default=4, metadata={"help": "memory Adam steps on the window after every RL step"})
     mem_lr: float = field(default=3e-3, metadata={"help": "memory learning rate"})
+    # competing methods: each coefficient is used only when --method names its part (default: its paper's value)
+    entropy_coef: float = field(default=0.001, metadata={"help": "[entropy] loss - coef * mean token entropy (0.001, the common PPO-for-LLM value)"})
+    kl_coef: float = field(default=0.04, metadata={"help": "[kl] k3 KL penalty to the base (0.04 as in the GRPO paper; off unless --method has kl, as TRL's default)"})
+    clip_eps_high: float = field(default=0.28, metadata={"help": "[cliphigher] upper clip 1 + this (DAPO); only acts with --ppo-epochs > 1"})
+    unlikely_beta: float = field(default=0.25, metadata={"help": "[unlikely] r * (1 - beta * rank / G) for correct samples (He et al.)"})
+    passk_k: int = field(default=4, metadata={"help": "[passk] k of the pass@k advantage (k = G/2: with k = G every sample of a solved group is credited alike)"})
+    wreinforce_weight: float = field(default=0.1, metadata={"help": "[wreinforce] advantage of a correct sample; wrong ones get -1 (Zhu et al.)"})
+    count_c: float = field(default=0.5, metadata={"help": "[count] outcome bonus c * min(1, 1/sqrt(N(q,o))) on correct samples (half the reward gap: a bonus never outranks correctness)"})
+    fgrpo_gamma: float = field(default=0.5, metadata={"help": "[fgrpo] advantages * (1 - p_hat)^gamma"})
     # evaluation
     eval_n: int = field(default=64, metadata={"help": "samples per query for pass@k and coverage"})
     eval_every: int = field(default=50, metadata={"help": "evaluate train and test every this many RL steps (0: only at the end)"})
+    eval_split: str = field(default="test", metadata={"help": "held-out split evaluated next to train: test for reported numbers, val for tuning"})
     eval_batch: int = field(default=2048, metadata={"help": "sequences per batched evaluation call"})
 
 
-def parse_config(argv: list[str] | None = None, prog: str = "train") -> Config:
-    parser = argparse.ArgumentParser(prog=f"rlvr.py {prog}")
+def config_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"rlvr.py {prog}".strip())
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -122,7 +133,15 @@ def parse_config(argv: list[str] | None = None, prog: str = "train") -> Config:
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             parser.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
-    return Config(**vars(parser.parse_args(argv)))
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train") -> Config:
+    return config_from(config_parser(prog).parse_args(argv))
 
 
 def pick_device(name: str) -> torch.device:
@@ -466,7 +485,88 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return (rewards - mean) / (std + eps)
 
 
-ADVANTAGES = {"grpo": grpo_advantages}
+def drgrpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO (Understanding R1-Zero-Like Training, arXiv 2503.20783): A = r - mean_group, no std division.
+
+    Its other half, a constant loss normaliser instead of per-sequence length, lives in `ppo_clip_loss(norm=...)`.
+    """
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO (Back to Basics: REINFORCE-style optimisation, arXiv 2402.14740): A_i = r_i - mean_{j != i} r_j."""
+    G = rewards.shape[1]
+    return (rewards * G - rewards.sum(dim=1, keepdim=True)) / (G - 1)
+
+
+def passk_advantages(rewards: torch.Tensor, k: int = 4) -> torch.Tensor:
+    """Pass@k training (arXiv 2508.10751), analytic group advantages for the reward "best of k samples".
+
+    Rbar = 1 - C(G-c, k) / C(G, k), s = sqrt(Rbar (1 - Rbar)); correct: A+ = (1 - Rbar) / s;
+    wrong: A- = (1 - Rbar - C(G-c-1, k-1) / C(G-1, k-1)) / s. A wrong sample is punished only as much as
+    it lowers the chance that a k-subset containing it holds a success. Groups with s = 0 get 0.
+    """
+    G = rewards.shape[1]
+    k = min(k, G)
+    c = (rewards > 0).sum(dim=1).tolist()
+    out = torch.zeros_like(rewards)
+    for q, cq in enumerate(c):
+        rbar = 1 - math.comb(G - cq, k) / math.comb(G, k)
+        s = math.sqrt(rbar * (1 - rbar))
+        if s == 0:
+            continue
+        a_pos = (1 - rbar) / s
+        a_neg = (1 - rbar - math.comb(G - cq - 1, k - 1) / math.comb(G - 1, k - 1)) / s
+        out[q] = torch.where(rewards[q] > 0, a_pos, a_neg)
+    return out
+
+
+def w_reinforce_advantages(rewards: torch.Tensor, weight: float = 0.1) -> torch.Tensor:
+    """W-REINFORCE (The Surprising Effectiveness of Negative Reinforcement, arXiv 2506.01347): A = +weight if correct, -1 if wrong."""
+    return torch.where(rewards > 0, torch.full_like(rewards, weight), torch.full_like(rewards, -1.0))
+
+
+def unlikeliness_rewards(rewards: torch.Tensor, seq_logp: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
+    """Unlikeliness reward (He et al., arXiv 2506.02355): r~ = r (1 - beta * rank / G) among the correct samples.
+
+    rank orders a group's correct samples by sequence log-prob, 0 for the least likely, so the policy's
+    most likely correct completion gets the largest cut and rare correct ones keep their full reward.
+    rewards, seq_logp: [num_queries, G].
+    """
+    G = rewards.shape[1]
+    masked = torch.where(rewards > 0, seq_logp, torch.full_like(seq_logp, -float("inf")))
+    # rank among correct samples = number of correct samples in the group with a lower log-prob
+    lower = (masked.unsqueeze(2) > masked.unsqueeze(1)) & (rewards > 0).unsqueeze(1)  # [Q, i, j]: j correct and below i
+    rank = lower.sum(dim=2).to(rewards.dtype)
+    return torch.where(rewards > 0, rewards * (1 - beta * rank / G), rewards)
+
+
+def count_bonus_rewards(rewards: torch.Tensor, counts: torch.Tensor, c_ucb: float = 0.5) -> torch.Tensor:
+    """Outcome-count bonus (Outcome-based Exploration, Song et al., arXiv 2509.06941): r + c * min(1, 1/sqrt(N(q, o))).
+
+    counts: N(q, o), how often this completion was seen for this query so far (this sample included).
+    Project's choice: the bonus goes to correct completions only; on toy tasks every garbage string is a
+    fresh outcome, so a bonus on wrong ones would pay the policy for inventing garbage.
+    """
+    bonus = c_ucb * torch.clamp(1 / counts.clamp(min=1).sqrt(), max=1.0)
+    return torch.where(rewards > 0, rewards + bonus, rewards)
+
+
+def count_outcomes(counts: dict, keys: list[tuple[str, str]]) -> list[int]:
+    """Add this batch's (query id, completion) pairs to the running counts; return N for each, this batch included."""
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return [counts[key] for key in keys]
+
+
+def fgrpo_scale(advantages: torch.Tensor, rewards: torch.Tensor, gamma: float = 0.5) -> torch.Tensor:
+    """F-GRPO-style difficulty scaling (arXiv 2602.06717): A * (1 - p_hat)^gamma with p_hat the group's success rate."""
+    p_hat = (rewards > 0).float().mean(dim=1, keepdim=True)
+    return advantages * (1 - p_hat) ** gamma
+
+
+ADVANTAGES = {"grpo": grpo_advantages, "drgrpo": drgrpo_advantages, "rloo": rloo_advantages,
+              "passk": passk_advantages, "wreinforce": w_reinforce_advantages}
 
 
 def inverse_success_calibration(advantages: torch.Tensor, rewards: torch.Tensor, alpha: float = 1.0,
@@ -558,17 +658,23 @@ class Memory:
 # ----------------------------------------------------------------------------------------------
 # Methods: a base estimator plus optional calibrations, e.g. "grpo", "iac" (= grpo+iac), "iac+dlc"
 # ----------------------------------------------------------------------------------------------
-CALIBRATIONS = ("iac", "dlc")
+# Every other part of a method name: reward shaping, advantage scaling, the sampler, extra loss terms.
+MODIFIERS = {
+    "iac": "inverse-success advantage calibration (this paper)",
+    "dlc": "distribution-level calibration: memory-steered sampling (this paper)",
+    "unlikely": "unlikeliness reward", "count": "outcome-count bonus", "fgrpo": "F-GRPO difficulty scaling",
+    "entropy": "entropy bonus", "kl": "k3 KL penalty to the base", "cliphigher": "DAPO clip-higher",
+}
 
 
 def parse_method(method: str) -> tuple[str, set[str]]:
-    """'iac+dlc' -> ('grpo', {'iac', 'dlc'}); the base estimator defaults to GRPO."""
+    """'iac+dlc' -> ('grpo', {'iac', 'dlc'}); 'rloo+entropy' -> ('rloo', {'entropy'}). The estimator defaults to GRPO."""
     parts = [p.strip() for p in method.lower().split("+") if p.strip()]
     bases = [p for p in parts if p in ADVANTAGES]
-    unknown = [p for p in parts if p not in ADVANTAGES and p not in CALIBRATIONS]
-    if unknown or len(bases) > 1 or not parts:
-        raise ValueError(f"unknown method {method!r}: use one of {sorted(ADVANTAGES)} optionally joined with "
-                         f"{' / '.join(CALIBRATIONS)} by '+', e.g. 'grpo', 'iac+dlc'")
+    unknown = [p for p in parts if p not in ADVANTAGES and p not in MODIFIERS]
+    if unknown or len(bases) > 1 or not parts or len(set(parts)) < len(parts):
+        raise ValueError(f"unknown method {method!r}: at most one of {'/'.join(ADVANTAGES)} joined by '+' with any of "
+                         f"{'/'.join(MODIFIERS)}, e.g. 'grpo', 'iac+dlc', 'rloo+iac'")
     return (bases[0] if bases else "grpo"), set(parts) - set(bases)
 
 
@@ -576,26 +682,34 @@ def parse_method(method: str) -> tuple[str, set[str]]:
 # The update: token-level PPO-clip loss with optional k3 KL to the base
 # ----------------------------------------------------------------------------------------------
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                  clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
-                  weights: torch.Tensor | None = None):
-    """Token-level PPO-clip surrogate. logp, old_logp, ref_logp, mask, weights: [B, T]; advantages: [B].
+                  clip_eps: float = 0.2, clip_eps_high: float | None = None, ref_logp: torch.Tensor | None = None,
+                  kl_coef: float = 0.0, entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
+                  weights: torch.Tensor | None = None, norm: float | None = None):
+    """Token-level PPO-clip surrogate with optional KL, entropy bonus and importance weights. Returns (loss, metrics).
 
-    weights: optional per-token importance weights (detached), e.g. pi/q for DLC samples. Returns (loss, metrics).
+    logp, old_logp, ref_logp, entropy, weights, mask: [B, T]; advantages: [B].
+    clip_eps_high: upper clip (DAPO clip-higher); None = symmetric. norm: divide token sums by this constant
+    (Dr. GRPO) instead of the number of tokens. weights: detached per-token importance weights (e.g. pi/q for DLC).
     """
     mask = mask.float()
     n_tokens = mask.sum().clamp(min=1)
+    denom = n_tokens if norm is None else torch.tensor(float(norm))
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + high) * adv)
     if weights is not None:
         surrogate = surrogate * weights
-    loss = -(surrogate * mask).sum() / n_tokens
-    metrics = {"clip_frac": (((ratio - 1).abs() > clip_eps).float() * mask).sum().item() / n_tokens.item()}
-    if ref_logp is not None and kl_coef > 0:
+    loss = -(surrogate * mask).sum() / denom
+    clipped = (ratio < 1 - clip_eps) | (ratio > 1 + high)
+    metrics = {"clip_frac": ((clipped.float() * mask).sum() / n_tokens).item()}
+    if ref_logp is not None:
         log_r = ref_logp - logp
         kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), always >= 0
         loss = loss + kl_coef * (kl * mask).sum() / n_tokens
         metrics["kl"] = ((kl * mask).sum() / n_tokens).item()
+    if entropy is not None and entropy_coef:
+        loss = loss - entropy_coef * (entropy * mask).sum() / n_tokens
     return loss, metrics
 
 
@@ -659,17 +773,21 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
 # ----------------------------------------------------------------------------------------------
 # Warm-start: supervised fine-tuning on uniformly sampled correct solutions -> the diverse base
 # ----------------------------------------------------------------------------------------------
+def warmstart_seed(cfg: Config) -> int:
+    return cfg.seed if cfg.base_seed < 0 else cfg.base_seed
+
+
 def base_key(cfg: Config, train_tasks: list[dict]) -> str:
     blob = json.dumps({"n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "ws_steps": cfg.ws_steps,
-                       "ws_batch": cfg.ws_batch, "ws_lr": cfg.ws_lr, "seed": cfg.seed, "tasks": train_tasks,
+                       "ws_batch": cfg.ws_batch, "ws_lr": cfg.ws_lr, "seed": warmstart_seed(cfg), "tasks": train_tasks,
                        "transformers": transformers.__version__.split(".")[0]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def warm_start(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
     """Train the base policy by SFT: pick a training query uniformly, then one of its correct solutions uniformly."""
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    torch.manual_seed(warmstart_seed(cfg))
+    rng = random.Random(warmstart_seed(cfg))
     model = build_policy(cfg, tokenizer).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.ws_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.ws_steps)))
@@ -736,36 +854,69 @@ class JsonlLog:
         self.f.flush()
 
 
-def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator,
-            base=None, memory: Memory | None = None) -> dict:
-    """One RL step on `queries`: sample groups, verify, advantages, one PPO-clip update. Returns logged stats."""
-    device = next(policy.parameters()).device
-    estimator, calibrations = parse_method(cfg.method)
-    # 1. sample a group of completions for each query, all in one batch (DLC: from the calibrated distribution)
-    tasks = [train_set.tasks[q] for q in queries for _ in range(cfg.group_size)]
-    prompts = [train_set.prompt_ids[q] for q in queries for _ in range(cfg.group_size)]
-    rollouts = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, gen, memory=memory, mu=cfg.dlc_mu)
-    # 2. verify, then turn rewards into advantages one group at a time
-    rewards = rewards_for(tasks, rollouts).view(len(queries), cfg.group_size)
-    advantages = ADVANTAGES[estimator](rewards)
-    if "iac" in calibrations:
+def compute_advantages(cfg: Config, rewards: torch.Tensor, seq_logp: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+    """Compose a method's parts in order: reward shaping -> base estimator -> advantage scaling. All [Q, G]."""
+    estimator, parts = parse_method(cfg.method)
+    shaped = rewards
+    if "unlikely" in parts:
+        shaped = unlikeliness_rewards(shaped, seq_logp, cfg.unlikely_beta)
+    if "count" in parts:
+        shaped = count_bonus_rewards(shaped, counts, cfg.count_c)
+    if estimator == "passk":
+        advantages = passk_advantages(shaped, cfg.passk_k)
+    elif estimator == "wreinforce":
+        advantages = w_reinforce_advantages(shaped, cfg.wreinforce_weight)
+    else:
+        advantages = ADVANTAGES[estimator](shaped)
+    if "fgrpo" in parts:
+        advantages = fgrpo_scale(advantages, rewards, cfg.fgrpo_gamma)
+    if "iac" in parts:  # |S+| counts verified successes, whatever shaping did to their reward
         advantages = inverse_success_calibration(advantages, rewards, cfg.iac_alpha, cfg.iac_renorm)
-    advantages = advantages.view(-1).to(device)
-    # 3. one PPO-clip step; on-policy, so the old log-probs are the detached current ones (ratio = 1)
-    logp, entropy, hidden = completion_logprobs(policy, rollouts, with_entropy=True)
+    return advantages
+
+
+def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator,
+            base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> dict:
+    """One RL step on `queries`: sample groups, verify, advantages, PPO-clip update(s). Returns logged stats."""
+    device = next(policy.parameters()).device
+    estimator, parts = parse_method(cfg.method)
+    G = cfg.group_size
+    # 1. sample a group of completions for each query, all in one batch (DLC: from the calibrated distribution)
+    tasks = [train_set.tasks[q] for q in queries for _ in range(G)]
+    prompts = [train_set.prompt_ids[q] for q in queries for _ in range(G)]
+    rollouts = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, gen,
+                      memory=memory if "dlc" in parts else None, mu=cfg.dlc_mu)
     mask = rollouts.completion_mask
+    # 2. log-probs of what was sampled, one forward (the unlikeliness reward needs them before the advantages)
+    logp, entropy, hidden = completion_logprobs(policy, rollouts, with_entropy=True)
+    # 3. verify, then turn rewards into advantages one group at a time
+    rewards = rewards_for(tasks, rollouts).view(len(queries), G)
+    counts = None
+    if "count" in parts:
+        counts = torch.tensor(count_outcomes(outcome_counts, [(t["id"], x) for t, x in zip(tasks, rollouts.texts)]),
+                              dtype=torch.float32).view(len(queries), G)
+    seq_logp = (logp.detach() * mask).sum(1).cpu().view(len(queries), G)
+    advantages = compute_advantages(cfg, rewards, seq_logp, counts).view(-1).to(device)
+    # 4. PPO-clip update(s); with one epoch we are on-policy: old log-probs = detached current ones, ratio = 1
     ref_logp = weights = None
-    if cfg.kl_coef > 0:
+    if "kl" in parts:
         with torch.no_grad():
             ref_logp, _, _ = completion_logprobs(base, rollouts)
-    if memory is not None and cfg.dlc_is_cap > 0:  # optional correction for sampling from q instead of pi
+    if "dlc" in parts and cfg.dlc_is_cap > 0:  # optional correction for sampling from q instead of pi
         weights = torch.exp(logp.detach() - rollouts.sample_logp).clamp(max=cfg.dlc_is_cap)
-    loss, stats = ppo_clip_loss(logp, logp.detach(), advantages, mask, cfg.clip_eps, ref_logp, cfg.kl_coef, weights)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-    opt.step()
-    # 4. DLC: the memory learns what was just sampled, so the next groups are steered away from it
+    old_logp = logp.detach()
+    for epoch in range(cfg.ppo_epochs):
+        if epoch > 0:
+            logp, entropy, _ = completion_logprobs(policy, rollouts, with_entropy=True)
+        loss, stats = ppo_clip_loss(
+            logp, old_logp, advantages, mask, cfg.clip_eps, cfg.clip_eps_high if "cliphigher" in parts else None,
+            ref_logp, cfg.kl_coef, entropy, cfg.entropy_coef if "entropy" in parts else 0.0, weights,
+            norm=len(prompts) * cfg.max_new_tokens if estimator == "drgrpo" else None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        opt.step()
+    # 5. DLC: the memory learns what was just sampled, so the next groups are steered away from it
     if memory is not None:
         stats["memory_loss"] = memory.update(hidden, rollouts.completion_ids, mask)
     return {"reward": rewards.mean().item(), "loss": loss.item(), "grad_norm": grad_norm.item(),
@@ -782,7 +933,7 @@ def train(cfg: Config) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    splits = {s: TaskSet.build(load_tasks(cfg.tasks, s), tokenizer) for s in ("train", "test")}
+    splits = {s: TaskSet.build(load_tasks(cfg.tasks, s), tokenizer) for s in ("train", cfg.eval_split)}
     base, warmstart_s, base_path = get_base(cfg, splits["train"], tokenizer, device)
     policy, _ = load_policy(base_path, device)  # a fresh copy; `base` stays frozen as the reference
     for p in base.parameters():
@@ -802,15 +953,16 @@ def train(cfg: Config) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     query_rng = random.Random(cfg.seed)
     train_set = splits["train"]
-    memory = None
+    memory, outcome_counts = None, {}
     if "dlc" in parse_method(cfg.method)[1]:
         memory = Memory(policy.config.hidden_size, len(tokenizer), cfg, device)
-    rl_s = 0.0
+    rl_s, tokens = 0.0, 0
     for step in tqdm(range(1, cfg.steps + 1), desc=f"RL {cfg.method}", disable=None):
         queries = [query_rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
         t0 = time.perf_counter()
-        stats = rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory)
+        stats = rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory, outcome_counts)
         rl_s += time.perf_counter() - t0
+        tokens += stats["tokens"]
         log.write({"step": step, **stats})
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             m, _ = eval_all(policy, base_lp, tag=f"step {step} ")
@@ -819,7 +971,8 @@ def train(cfg: Config) -> dict:
     log.write({"step": cfg.steps, "eval": final_metrics})
     save_policy(policy, tokenizer, out / "checkpoint", {"memory.pt": memory.state_dict()} if memory else None)
     summary = {"config": dataclasses.asdict(cfg), "base": base_metrics, "final": final_metrics,
-               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(rl_s, 3), "rl_step_s": round(rl_s / max(cfg.steps, 1), 4)}}
+               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(rl_s, 3), "rl_step_s": round(rl_s / max(cfg.steps, 1), 4)},
+               "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size, "generated_tokens": tokens}}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -828,6 +981,160 @@ def write_json(path: Path, obj) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiments: every method from the same base per seed, same budget, mean and 95% CI over seeds
+# ----------------------------------------------------------------------------------------------
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t quantiles, df = 1..10
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean and the half-width of its 95% confidence interval (Student t over seeds)."""
+    v = np.asarray(values, dtype=float)
+    half = 0.0 if len(v) < 2 else (T_975[len(v) - 2] if len(v) <= 11 else 1.96) * v.std(ddof=1) / math.sqrt(len(v))
+    return {"mean": float(v.mean()), "ci95": float(half), "n": len(v)}
+
+
+def _flat(m: dict) -> dict[str, float]:
+    flat = {k: v for k, v in m.items() if not isinstance(v, dict)}
+    flat.update({f"pass@{k}": v for k, v in m["pass@k"].items()})
+    return flat
+
+
+def _run_one(job: tuple[dict, str]) -> str:
+    cfg_dict, kind = job
+    cfg = Config(**cfg_dict)
+    if kind == "base":
+        tokenizer = build_tokenizer()
+        get_base(cfg, TaskSet.build(load_tasks(cfg.tasks, "train"), tokenizer), tokenizer, pick_device(cfg.device))
+    else:
+        train(cfg)
+    return cfg.out
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method.replace('+', '-')}-s{seed}"
+
+
+def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) -> dict:
+    """Run every (method, seed) not already finished into cfg.out/runs/, then aggregate and plot."""
+    for m in methods:
+        parse_method(m)
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    threads = cfg.threads or max(1, min(4, (os.cpu_count() or 1) // jobs))
+    cfgs = {(m, s): dataclasses.replace(cfg, method=m, seed=s, threads=threads, out=str(out / "runs" / run_name(m, s)))
+            for s in seeds for m in methods}
+    todo = [c for c in cfgs.values() if not (Path(c.out) / "summary.json").exists()]  # resumable
+    print(f"compare: {len(cfgs)} runs, {len(cfgs) - len(todo)} already finished, {jobs} parallel job(s)")
+    base_seeds = sorted({warmstart_seed(dataclasses.replace(cfg, seed=s)) for s in seeds})
+    bases = [(dataclasses.asdict(dataclasses.replace(cfg, seed=s, base_seed=s, threads=threads)), "base") for s in base_seeds]
+    work = [(dataclasses.asdict(c), "run") for c in todo]
+    if jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(jobs) as pool:  # spawn: no forked torch thread pools
+            list(pool.imap_unordered(_run_one, bases))  # warm-start each seed's base once, before the runs share it
+            list(tqdm(pool.imap_unordered(_run_one, work), total=len(work), desc="compare"))
+    else:
+        for job in bases + work:
+            _run_one(job)
+    runs = {run_name(m, s): json.loads((Path(c.out) / "summary.json").read_text()) for (m, s), c in cfgs.items()}
+    results = {"methods": methods, "seeds": seeds, "config": dataclasses.asdict(cfg), "runs": runs, "summary": {},
+               "wall_s": round(time.perf_counter() - t0, 1)}
+    splits = list(next(iter(runs.values()))["final"])
+    for name in ["base"] + methods:
+        per_split = {}
+        for split in splits:
+            if name == "base":
+                flats = [_flat(runs[run_name(methods[0], s)]["base"][split]) for s in seeds]
+            else:
+                flats = [_flat(runs[run_name(name, s)]["final"][split]) for s in seeds]
+            per_split[split] = {k: mean_ci([f[k] for f in flats]) for k in flats[0]}
+        results["summary"][name] = per_split
+    for m in methods:
+        results["summary"][m]["budget"] = {k: mean_ci([runs[run_name(m, s)]["budget"][k] for s in seeds])
+                                           for k in ("rollouts", "generated_tokens")}
+        results["summary"][m]["rl_s"] = mean_ci([runs[run_name(m, s)]["timing"]["rl_s"] for s in seeds])
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(results_table(results))
+    plot_results(results, out)
+    return results
+
+
+def results_table(results: dict) -> str:
+    """The markdown table a reader wants: mean +- 95% CI over seeds, one row per method."""
+    cols = ["pass@1", "pass@8", "pass@64", "coverage", "oversharpened", "entropy"]
+    seeds = results["seeds"]
+    lines = [f"Mean +- 95% CI over {len(seeds)} seeds ({', '.join(map(str, seeds))}).", ""]
+    for split in [k for k in results["summary"]["base"]]:
+        lines += [f"**{split}**", "", "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, per_split in results["summary"].items():
+            row = per_split[split]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{row[c]['mean']:.3f} +- {row[c]['ci95']:.3f}" if c in row else "-" for c in cols) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, out: Path) -> None:
+    """pass@k vs k, and accuracy vs diversity over training; skipped quietly without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no figures (pip install matplotlib)")
+        return
+    summary, splits = results["summary"], list(results["summary"]["base"])
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.6), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for name, per_split in summary.items():
+            ks = sorted(int(k[5:]) for k in per_split[split] if k.startswith("pass@"))
+            mean = [per_split[split][f"pass@{k}"]["mean"] for k in ks]
+            ci = [per_split[split][f"pass@{k}"]["ci95"] for k in ks]
+            line, = ax.plot(ks, mean, marker="o", ms=3, label=name, color="k" if name == "base" else None,
+                            ls="--" if name == "base" else "-")
+            ax.fill_between(ks, np.subtract(mean, ci), np.add(mean, ci), alpha=0.15, color=line.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"{split} queries", xlabel="k", ylabel="pass@k")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "passk.png", dpi=110)
+    plt.close(fig)
+    # over training: every eval record of every seed, averaged per step
+    held = splits[-1]
+    curves = {}
+    for name, run in results["runs"].items():
+        method = name.rsplit("-s", 1)[0]
+        path = Path(run["config"]["out"]) / "metrics.jsonl"
+        if not path.exists():
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines() if '"eval"' in line]
+        for r in records:
+            c = curves.setdefault(method, {}).setdefault(r["step"], [])
+            c.append((r["eval"]["train"]["pass@1"], r["eval"][held]["coverage"], r["eval"][held]["pass@1"], r["eval"]["train"]["coverage"]))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for method, by_step in curves.items():
+        steps = sorted(by_step)
+        avg = np.array([np.mean(by_step[s], axis=0) for s in steps])
+        axes[0].plot(steps, avg[:, 0], marker="o", ms=3, label=f"{method} train pass@1")
+        axes[0].plot(steps, avg[:, 1], marker="s", ms=3, ls=":", color=axes[0].lines[-1].get_color(), label=f"{method} {held} coverage")
+        axes[1].plot(avg[:, 0], avg[:, 1], marker="o", ms=3, label=method)
+        axes[2].plot(avg[:, 0], avg[:, 2], marker="o", ms=3, label=method)
+    b = results["summary"]["base"]
+    for ax, key in ((axes[1], "coverage"), (axes[2], "pass@1")):
+        ax.plot([b["train"]["pass@1"]["mean"]], [b[held][key]["mean"]], "k*", ms=10, label="base")
+    axes[0].set(xlabel="RL step", title="over training (mean over seeds)")
+    axes[1].set(xlabel="train pass@1", ylabel=f"{held} coverage", title="diversity at matched accuracy")
+    axes[2].set(xlabel="train pass@1", ylabel=f"{held} pass@1", title="generalisation at matched accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -888,7 +1195,7 @@ def format_table(columns: dict[str, dict]) -> str:
             ("oversharpened", lambda m: m["oversharpened"]), ("entropy", lambda m: m["entropy"])]
     names = list(columns)
     lines = [f"{'':22}" + "".join(f"{n:>12}" for n in names)]
-    for split in ("train", "test"):
+    for split in columns[names[0]]:
         for label, get in rows:
             lines.append(f"{split + ' ' + label:22}" + "".join(f"{get(columns[n][split]):12.3f}" for n in names))
     return "\n".join(lines)
@@ -929,6 +1236,17 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--seed", type=int, default=0, help="seed of the split")
         a = p.parse_args(rest)
         print(make_tasks(a.out, a.seed))
+    elif cmd == "compare":
+        p = config_parser("compare")
+        p.add_argument("--methods", default="grpo,iac,dlc,iac+dlc", help="comma-separated methods, all from the same base per seed")
+        p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+        p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel (each gets cores/jobs threads)")
+        p.set_defaults(out="runs/compare")
+        args = p.parse_args(rest)
+        cfg = config_from(args)
+        results = compare(cfg, args.methods.split(","), [int(x) for x in args.seeds.split(",")], args.jobs)
+        print(results_table(results))
+        print(f"compare finished in {results['wall_s']:.0f}s; results in {cfg.out}/results.json, results.md, *.png")
     elif cmd == "bench":
         cfg = parse_config(rest, prog="bench")
         result = bench(cfg)

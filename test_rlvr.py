@@ -224,7 +224,8 @@ def test_end_to_end_writes_summary(tmp_path, task_dir):
     summary = rlvr.train(cfg)
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    assert set(on_disk) == {"config", "base", "final", "timing"}
+    assert set(on_disk) == {"config", "base", "final", "timing", "budget"}
+    assert on_disk["budget"]["rollouts"] == cfg.steps * cfg.queries_per_step * cfg.group_size
     assert set(on_disk["timing"]) >= {"warmstart_s", "rl_s", "rl_step_s"}
     for stage in ("base", "final"):
         for split in ("train", "test"):
@@ -318,3 +319,111 @@ def test_checkpoint_round_trip_restores_memory(tmp_path, task_dir):
     assert torch.allclose(memory(h), memory(h)) and memory(h).exp().sum(-1).allclose(torch.ones(3))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["config"]["method"] == "iac+dlc" and summary["config"]["dlc_mu"] == cfg.dlc_mu
+
+
+# ---------------------------------------------------------------- competing methods
+def test_competitor_advantages_hand_computed():
+    r = torch.tensor([[1.0, 0, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    assert torch.equal(rlvr.drgrpo_advantages(r), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25], [0.0] * 4, [0.0] * 4]))
+    rloo = rlvr.rloo_advantages(r)
+    assert torch.allclose(rloo[1], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+    assert torch.allclose(rloo[0], torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+    assert torch.equal(rloo[2:], torch.zeros(2, 4))
+    # pass@k, G = 4, k = 2, one correct: Rbar = 1 - C(3,2)/C(4,2) = 0.5, s = 0.5; A+ = 1, A- = (0.5 - C(2,1)/C(3,1)) / 0.5
+    pk = rlvr.passk_advantages(r, k=2)
+    assert torch.allclose(pk[1], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+    # two correct: every pair but one holds a success -> Rbar = 5/6; all-correct / all-wrong groups -> 0
+    rbar = 5 / 6
+    s = math.sqrt(rbar * (1 - rbar))
+    assert torch.allclose(pk[0], torch.tensor([(1 - rbar) / s, (1 - rbar - 1 / 3) / s, (1 - rbar - 1 / 3) / s, (1 - rbar) / s]))
+    assert torch.equal(pk[2:], torch.zeros(2, 4))
+    assert torch.equal(rlvr.passk_advantages(torch.tensor([[1.0, 1, 1, 0]]), k=2), torch.zeros(1, 4))  # every pair solved
+    assert torch.allclose(rlvr.w_reinforce_advantages(r[1:2]), torch.tensor([[0.1, -1, -1, -1]]))
+    assert torch.allclose(rlvr.fgrpo_scale(torch.ones(1, 4), r[1:2]), torch.full((1, 4), math.sqrt(0.75)))
+    assert torch.equal(rlvr.fgrpo_scale(torch.ones(1, 4), r[2:3]), torch.zeros(1, 4))
+
+
+def test_reward_shaping_hand_computed():
+    r = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    logp = torch.tensor([[-1.0, -3, -2, -0.5], [-2.0, -2, -1, -1]])
+    # correct samples ranked by likelihood: -3 -> 0, -2 -> 1, -1 -> 2 (the most likely gets the largest cut); ties share a rank
+    assert torch.allclose(rlvr.unlikeliness_rewards(r, logp, beta=0.25), torch.tensor([[0.875, 1, 0.9375, 0], [1, 1, 0, 0]]))
+    counts = torch.tensor([[1.0, 4, 9, 1], [1, 1, 1, 1]])
+    assert torch.allclose(rlvr.count_bonus_rewards(r, counts, c_ucb=0.5), torch.tensor([[1.5, 1.25, 1 + 0.5 / 3, 0], [1.5, 1.5, 0, 0]]))
+    seen = {}
+    assert rlvr.count_outcomes(seen, [("q", "a"), ("q", "a"), ("q", "b")]) == [2, 2, 1]
+    assert rlvr.count_outcomes(seen, [("q", "a")]) == [3]
+
+
+def _loop_reference(name, rewards, **kw):
+    """The same estimators written one group and one sample at a time, straight from their formulas."""
+    out = torch.zeros_like(rewards)
+    G = rewards.shape[1]
+    for q in range(rewards.shape[0]):
+        g = rewards[q].tolist()
+        mean = sum(g) / G
+        c = sum(x > 0 for x in g)
+        for i, x in enumerate(g):
+            if name == "grpo":
+                std = math.sqrt(sum((y - mean) ** 2 for y in g) / (G - 1))
+                out[q, i] = (x - mean) / (std + 1e-4)
+            elif name == "drgrpo":
+                out[q, i] = x - mean
+            elif name == "rloo":
+                out[q, i] = x - (sum(g) - x) / (G - 1)
+            elif name == "passk":
+                k = kw["k"]
+                rbar = 1 - math.comb(G - c, k) / math.comb(G, k)
+                s = math.sqrt(rbar * (1 - rbar))
+                if s > 0:
+                    out[q, i] = (1 - rbar) / s if x > 0 else (1 - rbar - math.comb(G - c - 1, k - 1) / math.comb(G - 1, k - 1)) / s
+            elif name == "iac":
+                a = kw["adv"][q, i].item()
+                out[q, i] = a * (G - c) ** kw["alpha"] if a > 0 else a
+    return out
+
+
+@pytest.mark.parametrize("name", ["grpo", "drgrpo", "rloo", "passk", "iac"])
+def test_vectorised_estimators_match_loops(name):
+    gen = torch.Generator().manual_seed(0)
+    for G in (2, 4, 8, 16):
+        rewards = (torch.rand(64, G, generator=gen) < torch.rand(64, 1, generator=gen)).float()
+        rewards[0], rewards[1] = 1.0, 0.0  # always include the degenerate groups
+        if name == "passk":
+            fast, kw = rlvr.passk_advantages(rewards, k=min(4, G)), {"k": min(4, G)}
+        elif name == "iac":
+            adv = rlvr.grpo_advantages(rewards)
+            fast, kw = rlvr.inverse_success_calibration(adv, rewards, alpha=0.7), {"adv": adv, "alpha": 0.7}
+        else:
+            fast, kw = rlvr.ADVANTAGES[name](rewards), {}
+        assert not torch.isnan(fast).any()
+        assert torch.allclose(fast, _loop_reference(name, rewards, **kw), atol=1e-5), (name, G)
+
+
+def test_clip_higher_and_constant_normaliser():
+    logp = torch.log(torch.tensor([[0.25, 0.5]])).requires_grad_()
+    old = torch.log(torch.tensor([[0.2, 0.5]]))  # ratio 1.25 on the first token: above 1.2, below 1.28
+    mask, adv = torch.ones(1, 2), torch.tensor([1.0])
+    loss_sym, m = rlvr.ppo_clip_loss(logp, old, adv, mask, clip_eps=0.2)
+    (g_sym,) = torch.autograd.grad(loss_sym, logp)
+    loss_high, m_high = rlvr.ppo_clip_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    (g_high,) = torch.autograd.grad(loss_high, logp)
+    assert g_sym[0, 0] == 0 and g_high[0, 0] < 0 and m["clip_frac"] == 0.5 and m_high["clip_frac"] == 0
+    loss_const, _ = rlvr.ppo_clip_loss(logp, logp.detach(), adv, mask, norm=8.0)
+    assert torch.allclose(loss_const, -(adv * 2) / 8.0)
+
+
+@pytest.mark.parametrize("method", ["drgrpo", "rloo+iac", "passk", "wreinforce", "grpo+unlikely+count", "fgrpo+entropy+kl+cliphigher", "rloo+iac+dlc"])
+def test_every_method_runs_one_step(method, tmp_path, task_dir, tokenizer, warm_model):
+    model, train = warm_model
+    model = copy.deepcopy(model)
+    cfg = tiny_cfg(tmp_path, task_dir, method=method, group_size=8, ppo_epochs=2)
+    memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), cfg, torch.device("cpu")) if "dlc" in method else None
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = rlvr.rl_step(cfg, model, tokenizer, opt, train, list(range(len(train))), torch.Generator().manual_seed(0),
+                         base=copy.deepcopy(model), memory=memory, outcome_counts={})
+    assert all(math.isfinite(v) for v in stats.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    if "kl" in method:
+        assert stats["kl"] >= 0
