@@ -37,6 +37,7 @@ Run
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -95,6 +96,7 @@ class Config:
     lr: float = field(default=3e-4, metadata={"help": "RL learning rate (AdamW); 1e-3 diverges within 5 steps on the toy tasks"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay in RL (0: decay would pull towards 0, not the base)"})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip epsilon"})
+    micro_batch: int = field(default=0, metadata={"help": "sequences per forward/backward (0 = whole batch); halved automatically on CUDA out-of-memory"})
     ppo_epochs: int = field(default=1, metadata={"help": "updates per batch; 1 = exactly on-policy (ratio 1, clipping never acts)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and evaluation"})
@@ -103,6 +105,7 @@ class Config:
     iac_alpha: float = field(default=1.0, metadata={"help": "IAC exponent: positive advantages x (G - #correct)^alpha (paper: 1)"})
     iac_renorm: bool = field(default=False, metadata={"help": "rescale IAC advantages to the batch's original mean |A| (off: the paper shows none)"})
     dlc_mu: float = field(default=0.6, metadata={"help": "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy)"})
+    dlc_min_p: float = field(default=0.05, metadata={"help": "DLC calibrates only tokens with pi >= min_p * max pi (0 = all; the memory would boost junk it never saw)"})
     dlc_is_cap: float = field(default=0.0, metadata={"help": "truncated importance weight pi/q <= cap for DLC samples (0 = none: a decoupled sampler, so modes the policy would not sample keep their credit)"})
     mem_width: int = field(default=64, metadata={"help": "memory network hidden width"})
     mem_window: int = field(default=4, metadata={"help": "memory is trained on the rollouts of the last this many RL steps (FIFO)"})
@@ -120,6 +123,7 @@ class Config:
     # evaluation
     eval_n: int = field(default=64, metadata={"help": "samples per query for pass@k and coverage"})
     eval_every: int = field(default=50, metadata={"help": "evaluate train and test every this many RL steps (0: only at the end)"})
+    save_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every this many RL steps (0: only at the end and on Ctrl-C)"})
     eval_split: str = field(default="test", metadata={"help": "held-out split evaluated next to train: test for reported numbers, val for tuning"})
     eval_batch: int = field(default=2048, metadata={"help": "sequences per batched evaluation call"})
 
@@ -276,7 +280,7 @@ def enumerate_solutions(task: dict) -> list[str]:
     return TASK_TYPES[task["type"]][1](task)
 
 
-def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] = (48, 16, 24)) -> dict[str, int]:
+def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] = (48, 40, 48)) -> dict[str, int]:
     """Deterministically write train/val/test.jsonl: digit sums (split by target) and countdown (split by query)."""
     rng = random.Random(seed)
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
@@ -298,9 +302,9 @@ def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] =
                 pool.append(task)
     rng.shuffle(pool)
     n_train, n_val, n_test = countdown
-    splits["test"] += pool[:n_test]
-    splits["val"] += pool[n_test:n_test + n_val]
-    splits["train"] += pool[n_test + n_val:n_test + n_val + n_train]
+    splits["train"] += pool[:n_train]
+    splits["val"] += pool[n_train:n_train + n_val]
+    splits["test"] += pool[n_train + n_val:n_train + n_val + n_test]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, tasks in splits.items():
@@ -310,10 +314,64 @@ def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] =
     return {name: len(tasks) for name, tasks in splits.items()}
 
 
+class UserError(Exception):
+    """A problem with the user's input: reported as one line on stderr, exit code 2, no traceback."""
+
+
+# the fields each task type needs, with their types; enumerate_solutions must also find at least one answer
+TASK_FIELDS = {"digit_sum": {"prompt": str, "terms": int, "target": int},
+               "countdown": {"prompt": str, "numbers": list, "target": int}}
+
+
+def check_task(task, where: str) -> None:
+    if not isinstance(task, dict):
+        raise UserError(f"{where}: a task must be a JSON object, got {type(task).__name__}")
+    kind = task.get("type")
+    if kind not in TASK_TYPES:
+        raise UserError(f"{where}: unknown task type {kind!r} (known: {', '.join(TASK_TYPES)})")
+    for name, typ in TASK_FIELDS.get(kind, {"prompt": str}).items():
+        if name not in task:
+            raise UserError(f"{where}: {kind} task is missing field {name!r}")
+        if not isinstance(task[name], typ) or isinstance(task[name], bool):
+            raise UserError(f"{where}: field {name!r} must be {typ.__name__}, got {task[name]!r}")
+    if kind == "digit_sum" and not 1 <= task["terms"] <= 6:
+        raise UserError(f"{where}: 'terms' must be 1..6 (9^terms answers are enumerated), got {task['terms']}")
+    if kind == "countdown" and not (1 <= len(task["numbers"]) <= 5 and all(isinstance(n, int) and 0 <= n < 1000 for n in task["numbers"])):
+        raise UserError(f"{where}: 'numbers' must be 1..5 integers in 0..999, got {task['numbers']!r}")
+    if not task["prompt"]:
+        raise UserError(f"{where}: empty prompt")
+    if not enumerate_solutions(task):
+        raise UserError(f"{where}: task {task.get('id', task['prompt'])!r} has no correct answer")
+
+
 def load_tasks(folder: str | Path, split: str) -> list[dict]:
-    path = Path(folder) / f"{split}.jsonl"
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Read and check one split; any problem ends with a message naming the file and line."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"task folder {str(folder)!r} not found (make one with: python rlvr.py make-tasks --out {folder})")
+    path = folder / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: missing (a task folder needs train.jsonl, val.jsonl and test.jsonl)")
+    tasks = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                task = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            check_task(task, f"{path}:{lineno}")
+            tasks.append(task)
+    if not tasks:
+        raise UserError(f"{path}: no tasks in file")
+    return tasks
+
+
+def check_overlap(splits: dict[str, list[dict]]) -> list[str]:
+    """Prompts that appear in the training split and in a held-out one (held-out numbers would then be train numbers)."""
+    train = {t["prompt"] for t in splits.get("train", [])}
+    return sorted({f"{name}: {t['prompt']!r}" for name, ts in splits.items() if name != "train" for t in ts if t["prompt"] in train})
 
 
 @dataclass
@@ -374,7 +432,8 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-           generator: torch.Generator | None = None, with_entropy: bool = False, memory=None, mu: float = 0.0) -> Rollouts:
+           generator: torch.Generator | None = None, with_entropy: bool = False, memory=None, mu: float = 0.0,
+           min_p: float = 0.0) -> Rollouts:
     """Sample one completion per prompt (repeat a prompt G times for a group), batched, KV cache, stop at EOS.
 
     With a `memory` network, each token comes from the DLC-calibrated distribution
@@ -395,7 +454,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     next_pos = pos[:, -1:]
     for t in range(max_new_tokens):
         logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # [B, V]
-        logq = logp if memory is None else dlc_calibrate(logp, memory(hidden), mu)  # the sampling distribution
+        logq = logp if memory is None else dlc_calibrate(logp, memory(hidden), mu, min_p)  # the sampling distribution
         tok = torch.multinomial(logq.exp(), 1, generator=generator).squeeze(1)
         sample_logp[:, t] = logq.gather(1, tok[:, None]).squeeze(1)
         if with_entropy:
@@ -611,14 +670,21 @@ class MemoryNetwork(torch.nn.Module):
         return torch.log_softmax(self.net(hidden.detach().float()), dim=-1)  # normalised: mu has one meaning at every step
 
 
-def dlc_calibrate(policy_logp: torch.Tensor, memory_logp: torch.Tensor, mu: float) -> torch.Tensor:
+def dlc_calibrate(policy_logp: torch.Tensor, memory_logp: torch.Tensor, mu: float, min_p: float = 0.0) -> torch.Tensor:
     """DLC (arXiv 2601.15609): sample from softmax(z_policy - mu * z_memory), both as log-softmax.
 
     Tokens the policy has produced often (high memory log-prob) are pushed down, rarely visited but
     valid ones up, so a finite group reaches more of the correct modes and each receives positive credit:
     the sampling bias that makes GRPO over-sharpen shrinks. With mu = 0 this is exactly the policy.
+    Project's choice, min_p: only tokens with pi >= min_p * max pi are calibrated; the rest keep the policy's
+    logit. The memory has never seen the tokens the policy rules out, so an uncalibrated -mu * z_memory
+    would boost exactly those (junk characters) and break the answer format instead of finding new answers.
     """
-    return torch.log_softmax(policy_logp - mu * memory_logp, dim=-1)
+    penalty = mu * memory_logp
+    if min_p > 0:
+        plausible = policy_logp >= policy_logp.max(dim=-1, keepdim=True).values + math.log(min_p)
+        penalty = torch.where(plausible, penalty, penalty.new_zeros(()))
+    return torch.log_softmax(policy_logp - penalty, dim=-1)
 
 
 class Memory:
@@ -689,11 +755,12 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
 
     logp, old_logp, ref_logp, entropy, weights, mask: [B, T]; advantages: [B].
     clip_eps_high: upper clip (DAPO clip-higher); None = symmetric. norm: divide token sums by this constant
-    (Dr. GRPO) instead of the number of tokens. weights: detached per-token importance weights (e.g. pi/q for DLC).
+    instead of this batch's token count (Dr. GRPO's constant, or the whole batch's count for micro-batches).
+    weights: detached per-token importance weights (e.g. pi/q for DLC samples).
     """
     mask = mask.float()
     n_tokens = mask.sum().clamp(min=1)
-    denom = n_tokens if norm is None else torch.tensor(float(norm))
+    denom = n_tokens if norm is None else torch.tensor(float(norm), device=mask.device)
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
     high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -706,10 +773,10 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     if ref_logp is not None:
         log_r = ref_logp - logp
         kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), always >= 0
-        loss = loss + kl_coef * (kl * mask).sum() / n_tokens
+        loss = loss + kl_coef * (kl * mask).sum() / denom
         metrics["kl"] = ((kl * mask).sum() / n_tokens).item()
     if entropy is not None and entropy_coef:
-        loss = loss - entropy_coef * (entropy * mask).sum() / n_tokens
+        loss = loss - entropy_coef * (entropy * mask).sum() / denom
     return loss, metrics
 
 
@@ -875,67 +942,199 @@ def compute_advantages(cfg: Config, rewards: torch.Tensor, seq_logp: torch.Tenso
     return advantages
 
 
+def slice_rollouts(r: Rollouts, i: int, j: int) -> Rollouts:
+    pick = lambda x: None if x is None else x[i:j]  # noqa: E731
+    return Rollouts(r.input_ids[i:j], r.attention_mask[i:j], r.completion_mask[i:j], r.prompt_len, r.texts[i:j],
+                    r.finished[i:j], pick(r.entropy), pick(r.sample_logp))
+
+
+def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """Join micro-batches of rollouts, left-padding prompts to the widest one."""
+    P = max(r.prompt_len for r in parts)
+    ids, att = [], []
+    for r in parts:
+        extra = P - r.prompt_len
+        ids.append(F.pad(r.input_ids, (extra, 0), value=pad_id))
+        att.append(F.pad(r.attention_mask, (extra, 0), value=0))
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
+    return Rollouts(torch.cat(ids), torch.cat(att), torch.cat([r.completion_mask for r in parts]), P,
+                    [t for r in parts for t in r.texts], torch.cat([r.finished for r in parts]),
+                    cat([r.entropy for r in parts]), cat([r.sample_logp for r in parts]))
+
+
 def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator,
             base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> dict:
+    """One RL step; on CUDA out-of-memory, retry it from the same RNG state with micro-batches half the size."""
+    rng_state = gen.get_state()
+    while True:
+        try:
+            return _rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory, outcome_counts)
+        except torch.OutOfMemoryError:
+            batch = len(queries) * cfg.group_size
+            if (cfg.micro_batch or batch) <= 1:
+                raise
+            cfg.micro_batch = max(1, (cfg.micro_batch or batch) // 2)
+            print(f"rlvr.py: out of GPU memory; retrying the step with --micro-batch {cfg.micro_batch}", file=sys.stderr)
+            opt.zero_grad(set_to_none=True)
+            gen.set_state(rng_state)
+            torch.cuda.empty_cache()
+
+
+def _rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator,
+             base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> dict:
     """One RL step on `queries`: sample groups, verify, advantages, PPO-clip update(s). Returns logged stats."""
     device = next(policy.parameters()).device
     estimator, parts = parse_method(cfg.method)
     G = cfg.group_size
+    B = len(queries) * G
+    micro = cfg.micro_batch or B
+    spans = [(i, min(i + micro, B)) for i in range(0, B, micro)]
     # 1. sample a group of completions for each query, all in one batch (DLC: from the calibrated distribution)
     tasks = [train_set.tasks[q] for q in queries for _ in range(G)]
     prompts = [train_set.prompt_ids[q] for q in queries for _ in range(G)]
-    rollouts = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, gen,
-                      memory=memory if "dlc" in parts else None, mu=cfg.dlc_mu)
+    mem = memory if "dlc" in parts else None
+    rollouts = concat_rollouts([sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, cfg.temperature, gen,
+                                       memory=mem, mu=cfg.dlc_mu, min_p=cfg.dlc_min_p) for i, j in spans], tokenizer.pad_token_id)
     mask = rollouts.completion_mask
-    # 2. log-probs of what was sampled, one forward (the unlikeliness reward needs them before the advantages)
-    logp, entropy, hidden = completion_logprobs(policy, rollouts, with_entropy=True)
+    # 2. log-probs of what was sampled (the unlikeliness reward needs them before the advantages). One batch:
+    #    keep this forward's graph for the update. Micro-batches: no graph now, one forward per micro-batch later.
+    with torch.set_grad_enabled(len(spans) == 1):
+        first = [completion_logprobs(policy, slice_rollouts(rollouts, i, j), with_entropy=True) for i, j in spans]
+    old_logp = torch.cat([f[0] for f in first]).detach()
+    hidden = torch.cat([f[2] for f in first]).detach()
     # 3. verify, then turn rewards into advantages one group at a time
     rewards = rewards_for(tasks, rollouts).view(len(queries), G)
     counts = None
     if "count" in parts:
         counts = torch.tensor(count_outcomes(outcome_counts, [(t["id"], x) for t, x in zip(tasks, rollouts.texts)]),
                               dtype=torch.float32).view(len(queries), G)
-    seq_logp = (logp.detach() * mask).sum(1).cpu().view(len(queries), G)
+    seq_logp = (old_logp * mask).sum(1).cpu().view(len(queries), G)
     advantages = compute_advantages(cfg, rewards, seq_logp, counts).view(-1).to(device)
     # 4. PPO-clip update(s); with one epoch we are on-policy: old log-probs = detached current ones, ratio = 1
     ref_logp = weights = None
     if "kl" in parts:
         with torch.no_grad():
-            ref_logp, _, _ = completion_logprobs(base, rollouts)
+            ref_logp = torch.cat([completion_logprobs(base, slice_rollouts(rollouts, i, j))[0] for i, j in spans])
     if "dlc" in parts and cfg.dlc_is_cap > 0:  # optional correction for sampling from q instead of pi
-        weights = torch.exp(logp.detach() - rollouts.sample_logp).clamp(max=cfg.dlc_is_cap)
-    old_logp = logp.detach()
+        weights = torch.exp(old_logp - rollouts.sample_logp).clamp(max=cfg.dlc_is_cap)
+    denom = B * cfg.max_new_tokens if estimator == "drgrpo" else float(mask.sum().clamp(min=1))
+    pick = lambda x, i, j: None if x is None else x[i:j]  # noqa: E731
+    skipped = 0
     for epoch in range(cfg.ppo_epochs):
-        if epoch > 0:
-            logp, entropy, _ = completion_logprobs(policy, rollouts, with_entropy=True)
-        loss, stats = ppo_clip_loss(
-            logp, old_logp, advantages, mask, cfg.clip_eps, cfg.clip_eps_high if "cliphigher" in parts else None,
-            ref_logp, cfg.kl_coef, entropy, cfg.entropy_coef if "entropy" in parts else 0.0, weights,
-            norm=len(prompts) * cfg.max_new_tokens if estimator == "drgrpo" else None)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, stats, entropy_sum = 0.0, {}, 0.0
+        for i, j in spans:
+            logp, entropy, _ = first[0] if (epoch == 0 and len(spans) == 1) else completion_logprobs(
+                policy, slice_rollouts(rollouts, i, j), with_entropy=True)
+            part_loss, stats = ppo_clip_loss(
+                logp, old_logp[i:j], advantages[i:j], mask[i:j], cfg.clip_eps, cfg.clip_eps_high if "cliphigher" in parts else None,
+                pick(ref_logp, i, j), cfg.kl_coef, entropy, cfg.entropy_coef if "entropy" in parts else 0.0, pick(weights, i, j), norm=denom)
+            part_loss.backward()
+            loss += part_loss.item()
+            entropy_sum += (entropy.detach() * mask[i:j]).sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):  # never let a NaN into the weights
+            print(f"rlvr.py: warning: non-finite loss or gradient ({loss}, {grad_norm.item()}); update skipped", file=sys.stderr)
+            opt.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
         opt.step()
     # 5. DLC: the memory learns what was just sampled, so the next groups are steered away from it
     if memory is not None:
         stats["memory_loss"] = memory.update(hidden, rollouts.completion_ids, mask)
-    return {"reward": rewards.mean().item(), "loss": loss.item(), "grad_norm": grad_norm.item(),
-            "entropy": ((entropy.detach() * mask).sum() / mask.sum()).item(),
+    return {"reward": rewards.mean().item(), "loss": loss, "grad_norm": grad_norm.item(),
+            "entropy": entropy_sum / float(mask.sum().clamp(min=1)),
             "distinct_correct": len({(t["id"], x) for t, x, r in zip(tasks, rollouts.texts, rewards.view(-1).tolist()) if r > 0}),
-            "tokens": int(mask.sum()), **stats}
+            "tokens": int(mask.sum()), "skipped_updates": skipped, **stats}
 
 
-def train(cfg: Config) -> dict:
-    """Warm-start (or load) the base, run RL with the chosen method, evaluate, write summary.json."""
-    parse_method(cfg.method)  # refuse an unknown method before any work
+def validate_config(cfg: Config) -> None:
+    """Refuse impossible settings before any work starts."""
+    checks = [
+        (cfg.group_size >= 2, f"--group-size must be at least 2 (a group of one has no baseline), got {cfg.group_size}"),
+        (cfg.queries_per_step >= 1, f"--queries-per-step must be at least 1, got {cfg.queries_per_step}"),
+        (cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}"),
+        (cfg.lr > 0 and cfg.ws_lr > 0 and cfg.mem_lr > 0, "learning rates (--lr, --ws-lr, --mem-lr) must be positive"),
+        (cfg.eval_n >= 1, f"--eval-n must be at least 1, got {cfg.eval_n}"),
+        (1 <= cfg.passk_k <= cfg.group_size, f"--passk-k must be in 1..group size ({cfg.group_size}), got {cfg.passk_k}"),
+        (0 <= cfg.dlc_mu <= 2, f"--dlc-mu must be in [0, 2] (mu > 1 already samples against the policy's own ranking), got {cfg.dlc_mu}"),
+        (0 <= cfg.dlc_min_p < 1, f"--dlc-min-p must be in [0, 1), got {cfg.dlc_min_p}"),
+        (cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}"),
+        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}"),
+        (0 < cfg.clip_eps < 1 and cfg.clip_eps_high > 0, "--clip-eps must be in (0, 1) and --clip-eps-high positive"),
+        (cfg.ppo_epochs >= 1 and cfg.ws_steps >= 0 and cfg.ws_batch >= 1, "--ppo-epochs and --ws-batch must be >= 1, --ws-steps >= 0"),
+        (cfg.iac_alpha >= 0 and cfg.kl_coef >= 0 and cfg.entropy_coef >= 0, "--iac-alpha, --kl-coef and --entropy-coef must be >= 0"),
+        (cfg.mem_window >= 1 and cfg.mem_steps >= 0 and cfg.mem_width >= 1, "--mem-window and --mem-width must be >= 1, --mem-steps >= 0"),
+        (cfg.eval_split in ("val", "test"), f"--eval-split must be val or test, got {cfg.eval_split!r}"),
+        (cfg.micro_batch >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0 and cfg.threads >= 0,
+         "--micro-batch, --eval-every, --save-every and --threads must be >= 0"),
+        (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    try:
+        parse_method(cfg.method)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps, saves a checkpoint and exits. A second signal aborts."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __enter__(self):
+        import signal
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nrlvr.py: signal {signum}: saving a checkpoint after this step...", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def save_state(out: Path, policy, tokenizer, opt, memory, state: dict) -> None:
+    """The checkpoint: policy and tokenizer (from_pretrained-ready), memory network, and everything to resume exactly."""
+    extra = {"trainer_state.pt": {**state, "optimizer": opt.state_dict()}}
+    if memory is not None:
+        extra["memory.pt"] = memory.state_dict()
+    save_policy(policy, tokenizer, out / "checkpoint", extra)
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Warm-start (or load) the base, run RL with the chosen method, evaluate, write summary.json.
+
+    resume: continue the run in cfg.out from its checkpoint, with the config saved there.
+    """
+    out = Path(cfg.out)
+    saved = None
+    if resume:
+        path = out / "checkpoint" / "trainer_state.pt"
+        if not path.exists():
+            raise UserError(f"--resume {out}: no checkpoint there ({path} is missing)")
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = Config(**saved["config"])
+    validate_config(cfg)
     set_threads(cfg)
     device = pick_device(cfg.device)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    splits = {s: TaskSet.build(load_tasks(cfg.tasks, s), tokenizer) for s in ("train", cfg.eval_split)}
+    raw = {s: load_tasks(cfg.tasks, s) for s in ("train", cfg.eval_split)}
+    for line in check_overlap(raw):
+        print(f"rlvr.py: warning: held-out query also in train.jsonl: {line}", file=sys.stderr)
+    splits = {s: TaskSet.build(tasks, tokenizer) for s, tasks in raw.items()}
     base, warmstart_s, base_path = get_base(cfg, splits["train"], tokenizer, device)
-    policy, _ = load_policy(base_path, device)  # a fresh copy; `base` stays frozen as the reference
     for p in base.parameters():
         p.requires_grad_(False)
 
@@ -947,32 +1146,65 @@ def train(cfg: Config) -> dict:
                                       batch=cfg.eval_batch, desc=f"eval {tag}{s}")
         return res, lps
 
-    base_metrics, base_lp = eval_all(base, tag="base ")
-    log = JsonlLog(out / "metrics.jsonl")
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     query_rng = random.Random(cfg.seed)
-    train_set = splits["train"]
     memory, outcome_counts = None, {}
-    if "dlc" in parse_method(cfg.method)[1]:
+    if saved is None:  # a fresh run; an earlier run's metrics in this folder are kept, renamed
+        if (out / "metrics.jsonl").exists():
+            os.replace(out / "metrics.jsonl", out / f"metrics.{int(time.time())}.jsonl")
+        policy, _ = load_policy(base_path, device)  # a fresh copy; `base` stays frozen as the reference
+        base_metrics, base_lp = eval_all(base, tag="base ")
+        progress = {"step": 0, "rl_s": 0.0, "tokens": 0, "skipped_updates": 0}
+    else:
+        policy, _, memory = load_checkpoint(out / "checkpoint", cfg, device)
+        base_metrics, base_lp, progress = saved["base_metrics"], saved["base_logprobs"], saved["progress"]
+        gen.set_state(saved["rng"]["sampler"])
+        query_rng.setstate(saved["rng"]["queries"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        outcome_counts = saved["outcome_counts"]
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if saved is not None:
+        opt.load_state_dict(saved["optimizer"])
+    elif "dlc" in parse_method(cfg.method)[1]:
+        torch.manual_seed(cfg.seed)  # the memory's init must not depend on whether the base came from the cache
         memory = Memory(policy.config.hidden_size, len(tokenizer), cfg, device)
-    rl_s, tokens = 0.0, 0
-    for step in tqdm(range(1, cfg.steps + 1), desc=f"RL {cfg.method}", disable=None):
-        queries = [query_rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
-        t0 = time.perf_counter()
-        stats = rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory, outcome_counts)
-        rl_s += time.perf_counter() - t0
-        tokens += stats["tokens"]
-        log.write({"step": step, **stats})
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            m, _ = eval_all(policy, base_lp, tag=f"step {step} ")
-            log.write({"step": step, "eval": m})
+    log = JsonlLog(out / "metrics.jsonl")
+    if saved is not None:
+        log.write({"step": progress["step"], "resumed": True})
+
+    def checkpoint():
+        save_state(out, policy, tokenizer, opt, memory, {
+            "config": dataclasses.asdict(cfg), "progress": progress, "base_metrics": base_metrics, "base_logprobs": base_lp,
+            "outcome_counts": outcome_counts, "rng": {"sampler": gen.get_state(), "queries": query_rng.getstate(), "torch": torch.get_rng_state()}})
+
+    train_set = splits["train"]
+    with StopFlag() as stop:
+        for step in tqdm(range(progress["step"] + 1, cfg.steps + 1), desc=f"RL {cfg.method}", disable=None,
+                         initial=progress["step"], total=cfg.steps):
+            queries = [query_rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
+            t0 = time.perf_counter()
+            stats = rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory, outcome_counts)
+            progress["rl_s"] += time.perf_counter() - t0
+            progress["tokens"] += stats["tokens"]
+            progress["skipped_updates"] += stats["skipped_updates"]
+            progress["step"] = step
+            log.write({"step": step, **stats})
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                m, _ = eval_all(policy, base_lp, tag=f"step {step} ")
+                log.write({"step": step, "eval": m})
+            if stop.signum or (cfg.save_every and step % cfg.save_every == 0):
+                checkpoint()
+            if stop.signum:
+                print(f"rlvr.py: stopped at step {step}; continue with: python rlvr.py train --resume {out}", file=sys.stderr)
+                sys.exit(128 + stop.signum)
     final_metrics, _ = eval_all(policy, base_lp, tag="final ")
     log.write({"step": cfg.steps, "eval": final_metrics})
-    save_policy(policy, tokenizer, out / "checkpoint", {"memory.pt": memory.state_dict()} if memory else None)
+    checkpoint()
+    rl_s = progress["rl_s"]
     summary = {"config": dataclasses.asdict(cfg), "base": base_metrics, "final": final_metrics,
                "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(rl_s, 3), "rl_step_s": round(rl_s / max(cfg.steps, 1), 4)},
-               "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size, "generated_tokens": tokens}}
+               "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size, "generated_tokens": progress["tokens"],
+                          "skipped_updates": progress["skipped_updates"]}}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -981,6 +1213,244 @@ def write_json(path: Path, obj) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lessons: sampling bias and semantic coupling, each on its own (python rlvr.py explain)
+# ----------------------------------------------------------------------------------------------
+def ideal_update(probs: torch.Tensor, rewards: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """The infinite-sample optimum of E[A] - beta KL(pi || pi_ref): pi* = pi_ref exp(A / beta) / Z.
+
+    With 0/1 rewards every correct output has the same advantage, so every correct output is multiplied
+    by the same factor exp(1/beta) / Z >= 1: none loses probability (moderate sharpening).
+    """
+    advantages = rewards - (probs * rewards).sum()
+    unnorm = probs * torch.exp(advantages / beta)
+    return unnorm / unnorm.sum()
+
+
+def finite_group_update(probs: torch.Tensor, rewards: torch.Tensor, group_size: int, lr: float,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One GRPO step on categorical policies (a softmax over the outputs), each from ONE sampled group.
+
+    probs: [chains, outputs], rewards: [outputs]. GRPO advantages sum to zero over a group, so the logit of an
+    output that was not sampled does not move; sampled correct outputs go up, and the softmax normaliser
+    takes the mass from everyone else, unsampled *correct* outputs included. Returns (new probs, sampled mask).
+    """
+    idx = torch.multinomial(probs, group_size, replacement=True, generator=generator)  # [chains, G]
+    adv = grpo_advantages(rewards[idx])
+    logits = probs.log() + lr * torch.zeros_like(probs).scatter_add_(1, idx, adv) / group_size
+    sampled = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True)
+    return torch.softmax(logits, dim=1), sampled
+
+
+def sampling_bias_lesson(probs: torch.Tensor, rewards: torch.Tensor, group_sizes=(4, 8, 16, 64), groups: int = 2000,
+                         lr: float = 1.0, steps: int = 30, seed: int = 0) -> dict:
+    """One GRPO step from each of `groups` sampled groups, per group size G, against the ideal update.
+
+    Per correct output: (1-p)^G, the share of groups after which it lost probability, its mean probability after
+    a step when it was NOT sampled, and the ideal update at the same mean P(correct). Then `steps` steps in a
+    row: the share of runs that leave a correct output below the base (in a tabular policy: none, see README).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    correct = rewards > 0
+    p_c = probs[correct].sum()
+    out = {"p_before": probs[correct].tolist(), "p_correct_before": p_c.item(), "groups_per_G": groups, "steps": steps, "G": {}}
+    for G in group_sizes:
+        start = probs.expand(groups, -1).clone()
+        p, sampled = finite_group_update(start, rewards, G, lr, gen)
+        fell = p[:, correct] < probs[correct]
+        missed = ~sampled[:, correct]
+        target = p[:, correct].sum(1).mean()
+        # ideal at matched accuracy: pi*(correct) = p_c e^(1/beta) / (p_c e^(1/beta) + 1 - p_c) = target
+        ideal = ideal_update(probs, rewards, beta=1 / math.log(target * (1 - p_c) / (p_c * (1 - target))))
+        after_missed = torch.where(missed, p[:, correct], torch.nan).nanmean(0)
+        for _ in range(steps - 1):
+            p, _ = finite_group_update(p, rewards, G, lr, gen)
+        out["G"][G] = {"miss_prob": ((1 - probs[correct]) ** G).tolist(), "fell": fell.double().mean(0).tolist(),
+                       "fell_were_unsampled": (fell & missed).sum().item() / max(fell.sum().item(), 1),
+                       "p_after_if_unsampled": after_missed.tolist(), "p_ideal": ideal[correct].tolist(),
+                       "p_correct_after": target.item(), "below_base_after_steps": (p[:, correct] < probs[correct]).double().mean().item()}
+    return out
+
+
+def reinforce_one(model, tokenizer, prompt_ids: list[int], completion: str, steps: int, lr: float) -> None:
+    """Push up log pi(completion | prompt) alone, as repeated positive advantages on one sample would.
+
+    Plain SGD, so each step moves log pi(o'|q') of every other pair by about lr * <grad log pi(o'|q'), grad log pi(o|q)>:
+    the coupling term of the paper, nothing an adaptive optimiser adds.
+    """
+    device = next(model.parameters()).device
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    r = rollouts_from_text(tokenizer, [prompt_ids], [completion], device)
+    for _ in range(steps):
+        logp, _, _ = completion_logprobs(model, r)
+        loss = -(logp * r.completion_mask).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def overlap_group(reinforced: str, other: str) -> str:
+    """How much a completion shares with the reinforced one: its exact text, its digits, its first token, or nothing."""
+    if other == reinforced:
+        return "same text"
+    digits, other_digits = set(re.findall(r"\d", reinforced)), set(re.findall(r"\d", other))
+    if sorted(re.findall(r"\d", other)) == sorted(re.findall(r"\d", reinforced)):
+        return "same digits"
+    if other[:1] == reinforced[:1]:
+        return "same first token"
+    return "none" if not digits & other_digits else "some digits"
+
+
+COUPLING_GROUPS = ("same text", "same digits", "same first token", "some digits", "none")
+
+
+def coupling_lesson(model, tokenizer, splits: dict[str, TaskSet], query: int, completion: str, steps: int = 30,
+                    lr: float = 1e-3) -> dict:
+    """Reinforce one completion of one training query; measure every correct completion of every OTHER query."""
+    model = copy.deepcopy(model)
+    flat = {name: ([p for p, sols in zip(ts.prompt_ids, ts.solutions) for _ in sols], [s for sols in ts.solutions for s in sols],
+                   [i for i, sols in enumerate(ts.solutions) for _ in sols]) for name, ts in splits.items()}
+    before = {name: sequence_logprobs(model, tokenizer, p, c) for name, (p, c, _) in flat.items()}
+    train = splits["train"]
+    target_before = sequence_logprobs(model, tokenizer, [train.prompt_ids[query]], [completion]).item()
+    # the reinforced text as an answer to every other query (where it is wrong, unless it also solves that query)
+    elsewhere = {name: [i for i in range(len(ts)) if not (name == "train" and i == query)] for name, ts in splits.items()}
+    text_before = {name: sequence_logprobs(model, tokenizer, [splits[name].prompt_ids[i] for i in idx], [completion] * len(idx))
+                   for name, idx in elsewhere.items()}
+    reinforce_one(model, tokenizer, train.prompt_ids[query], completion, steps, lr)
+    target_after = sequence_logprobs(model, tokenizer, [train.prompt_ids[query]], [completion]).item()
+    result = {"query": train.tasks[query]["prompt"], "completion": completion,
+              "p_before": math.exp(target_before), "p_after": math.exp(target_after), "splits": {}}
+    for name, (prompts, comps, qidx) in flat.items():
+        after = sequence_logprobs(model, tokenizer, prompts, comps)
+        groups: dict[str, list[float]] = {g: [] for g in COUPLING_GROUPS}
+        for i, (c, q) in enumerate(zip(comps, qidx)):
+            if name == "train" and q == query:
+                continue  # only OTHER queries
+            groups[overlap_group(completion, c)].append((after[i] - before[name][i]).item())
+        result["splits"][name] = {g: {"n": len(v), "mean_dlogp": float(np.mean(v)) if v else float("nan")} for g, v in groups.items()}
+        text_after = sequence_logprobs(model, tokenizer, [splits[name].prompt_ids[i] for i in elsewhere[name]], [completion] * len(elsewhere[name]))
+        result["splits"][name]["reinforced text"] = {"n": len(elsewhere[name]), "mean_dlogp": (text_after - text_before[name]).mean().item()}
+    return result
+
+
+def mode_mass_table(cfg: Config, tokenizer, task: dict, prompt_ids: list[int], base, runs_dir: Path, device) -> tuple[list[str], dict]:
+    """Exact probability of each correct completion of `task` under the base and every checkpoint in runs_dir."""
+    sols = enumerate_solutions(task)
+    columns = {"base": sequence_logprobs(base, tokenizer, [prompt_ids] * len(sols), sols).exp()}
+    for ckpt in sorted(runs_dir.glob("*/checkpoint")) if runs_dir.exists() else []:
+        model, _ = load_policy(ckpt, device)
+        columns[ckpt.parent.name] = sequence_logprobs(model, tokenizer, [prompt_ids] * len(sols), sols).exp()
+    return sols, columns
+
+
+def explain(cfg: Config, runs_dir: Path, lesson: str = "all") -> dict:
+    """Print (and plot, with matplotlib) the three lessons; each runs in seconds on a CPU."""
+    set_threads(cfg)
+    device = pick_device(cfg.device)
+    tokenizer = build_tokenizer()
+    splits = {s: TaskSet.build(load_tasks(cfg.tasks, s), tokenizer) for s in ("train", "test")}
+    base, _, _ = get_base(cfg, splits["train"], tokenizer, device)
+    train = splits["train"]
+    # the lessons use the training query with the most correct completions (a digit sum)
+    query = max(range(len(train)), key=lambda i: (train.tasks[i]["type"] == "digit_sum", len(train.solutions[i])))
+    task, sols = train.tasks[query], train.solutions[query]
+    report: dict = {}
+    if lesson in ("all", "bias"):
+        lp = sequence_logprobs(base, tokenizer, [train.prompt_ids[query]] * len(sols), sols).double()
+        # the base's exact shares among the correct completions, at P(correct) = 0.8: an easy query, or any query
+        # mid-training. (Far below that, pushing the wrong bucket down frees mass for everyone and nothing falls yet.)
+        share = lp.exp() / lp.exp().sum()
+        probs = torch.cat([0.8 * share, torch.tensor([0.2], dtype=torch.float64)])  # correct modes + one wrong bucket
+        rewards = torch.cat([torch.ones(len(sols)), torch.zeros(1)]).double()
+        bias = sampling_bias_lesson(probs, rewards, seed=cfg.seed)
+        report["bias"] = {"query": task["prompt"], "completions": sols, **bias}
+        order = np.argsort(bias["p_before"])[::-1]
+        by_G = bias["G"]
+        print(f"\n1. SAMPLING BIAS on {task['prompt']!r}: {len(sols)} correct completions with the base's exact shares, scaled to")
+        print(f"   P(correct) = 0.8, plus one 'wrong' bucket: a categorical policy. One GRPO step from each of {bias['groups_per_G']} groups of size G.")
+        print("   miss = (1-p)^G, the chance a group never samples it; fell = share of groups after which it LOST probability;")
+        print("   if-missed = its mean probability after a step from a group that missed it; ideal = pi_ref exp(A/beta)/Z at the same P(correct).")
+        print(f"   {'completion':>10} {'p base':>7}" + "".join(f" | G={G:<3}{'miss':>5}{'fell':>5}{'if-missed':>10}{'ideal':>7}" for G in by_G))
+        for i in list(order[:5]) + list(order[len(order) // 2:len(order) // 2 + 2]) + list(order[-3:]):
+            print(f"   {sols[i]:>10} {bias['p_before'][i]:7.4f}" + "".join(
+                f" | {'':5}{g['miss_prob'][i]:5.2f}{g['fell'][i]:5.2f}{g['p_after_if_unsampled'][i]:10.4f}{g['p_ideal'][i]:7.4f}"
+                for g in by_G.values()))
+        print("   ideal update: " + ", ".join(f"G={G}: {sum(a < b for a, b in zip(g['p_ideal'], bias['p_before']))}" for G, g in by_G.items())
+              + f" of {len(sols)} correct completions fell. Finite groups: a correct completion fell after "
+              + ", ".join(f"G={G}: {np.mean(g['fell']):.0%}" for G, g in by_G.items()) + " of steps;")
+        print("   those that fell had not been sampled in " + ", ".join(f"G={G}: {g['fell_were_unsampled']:.0%}" for G, g in by_G.items()) + " of cases.")
+        print(f"   After {bias['steps']} steps in a row, share of (run, completion) pairs below the base: "
+              + ", ".join(f"G={G}: {g['below_base_after_steps']:.0%}" for G, g in by_G.items())
+              + " (a table has no shared parameters; see lesson 2)")
+    if lesson in ("all", "coupling"):
+        rng = random.Random(cfg.seed)
+        completion = rng.choice(sols)
+        coup = coupling_lesson(base, tokenizer, splits, query, completion)
+        report["coupling"] = coup
+        print(f"\n2. SEMANTIC COUPLING: reinforce only {completion!r} on {task['prompt']!r} for 30 SGD steps: "
+              f"p {coup['p_before']:.4f} -> {coup['p_after']:.4f}")
+        print("   mean change in log-prob of the correct completions of OTHER queries, by what they share with it:")
+        print(f"   {'shares':>18}" + "".join(f"{s + ' (n)':>22}" for s in coup["splits"]))
+        for g in COUPLING_GROUPS:
+            print(f"   {g:>18}" + "".join(f"{v[g]['mean_dlogp']:+14.3f} ({v[g]['n']:4d})  " for v in coup["splits"].values()))
+        print(f"   and {completion!r} itself as the answer to every other query (mostly wrong there):")
+        print(f"   {'reinforced text':>18}" + "".join(f"{v['reinforced text']['mean_dlogp']:+14.3f} ({v['reinforced text']['n']:4d})  " for v in coup["splits"].values()))
+    if lesson in ("all", "modes"):
+        sols_m, cols = mode_mass_table(cfg, tokenizer, task, train.prompt_ids[query], base, runs_dir, device)
+        report["modes"] = {"query": task["prompt"], "completions": sols_m, "probs": {k: v.tolist() for k, v in cols.items()}}
+        order = torch.argsort(cols["base"], descending=True).tolist()
+        print(f"\n3. MODE MASS on {task['prompt']!r}: exact probability of each correct completion (checkpoints in {runs_dir})")
+        if len(cols) == 1:
+            print("   (no trained checkpoints found: run `python rlvr.py` first to add GRPO and IAC+DLC columns)")
+        print(f"   {'completion':>10}" + "".join(f"{k:>12}" for k in cols))
+        for i in order:
+            print(f"   {sols_m[i]:>10}" + "".join(f"{v[i].item():12.4f}" for v in cols.values()))
+        print(f"   {'total':>10}" + "".join(f"{v.sum().item():12.4f}" for v in cols.values()))
+        print(f"   {'below base':>10}" + "".join(f"{int((v < cols['base']).sum()):12d}" for v in cols.values()))
+    plot_explain(report, Path(cfg.out))
+    return report
+
+
+def plot_explain(report: dict, out: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    panels = [k for k in ("bias", "coupling", "modes") if k in report]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        r = report[key]
+        if key == "bias":
+            p = np.array(r["p_before"])
+            for G, g in r["G"].items():
+                ax.scatter(p, g["fell"], s=10, label=f"G={G}")
+            ax.scatter(p, np.zeros_like(p), marker="x", color="k", label="ideal update (never falls)")
+            ax.set(xscale="log", xlabel="probability of a correct completion", ylabel="share of one-step updates that lowered it",
+                   title=f"sampling bias on {r['query']!r}")
+        elif key == "coupling":
+            names = list(r["splits"])
+            x = np.arange(len(COUPLING_GROUPS))
+            for j, name in enumerate(names):
+                ax.bar(x + 0.4 * j, [r["splits"][name][g]["mean_dlogp"] for g in COUPLING_GROUPS], 0.4, label=f"{name} queries")
+            ax.set_xticks(x + 0.2, COUPLING_GROUPS, rotation=20, fontsize=8)
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set(ylabel="mean change in log-prob", title=f"reinforcing {r['completion']!r} on {r['query']!r}")
+        else:
+            order = np.argsort(r["probs"]["base"])[::-1]
+            for name, probs in r["probs"].items():
+                ax.plot(np.array(probs)[order], marker="o", ms=3, label=name, ls="--" if name == "base" else "-")
+            ax.set(yscale="log", xlabel="correct completions, by base probability", ylabel="exact probability", title=f"mode mass on {r['query']!r}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "explain.png", dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1020,7 +1490,7 @@ def run_name(method: str, seed: int) -> str:
 def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) -> dict:
     """Run every (method, seed) not already finished into cfg.out/runs/, then aggregate and plot."""
     for m in methods:
-        parse_method(m)
+        validate_config(dataclasses.replace(cfg, method=m))
     out = Path(cfg.out)
     t0 = time.perf_counter()
     threads = cfg.threads or max(1, min(4, (os.cpu_count() or 1) // jobs))
@@ -1170,7 +1640,7 @@ def bench(cfg: Config, repeats: int = 15) -> dict:
     for _ in range(repeats):
         for kind, mem in (("plain", None), ("dlc", memory)):  # alternate, so drift hits both alike
             t0 = time.perf_counter()
-            r = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, gen, memory=mem, mu=cfg.dlc_mu)
+            r = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, gen, memory=mem, mu=cfg.dlc_mu, min_p=cfg.dlc_min_p)
             times[kind].append(time.perf_counter() - t0)
             tokens[kind].append(int(r.completion_mask.sum()))
     tps = {k: float(np.median([n / t for n, t in zip(tokens[k], times[k])])) for k in times}
@@ -1228,7 +1698,13 @@ def main(argv: list[str] | None = None) -> None:
     cmd = argv[0] if argv and not argv[0].startswith("-") else "demo"
     rest = argv[1:] if cmd != "demo" else argv
     if cmd == "train":
-        summary = train(parse_config(rest))
+        p = config_parser("train")
+        p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR with its saved config (other flags are ignored)")
+        args = p.parse_args(rest)
+        cfg = config_from(args)
+        if args.resume:
+            cfg = dataclasses.replace(cfg, out=args.resume)
+        summary = train(cfg, resume=bool(args.resume))
         print(format_table({"base": summary["base"], summary["config"]["method"]: summary["final"]}))
     elif cmd == "make-tasks":
         p = argparse.ArgumentParser(prog="rlvr.py make-tasks")
@@ -1247,6 +1723,13 @@ def main(argv: list[str] | None = None) -> None:
         results = compare(cfg, args.methods.split(","), [int(x) for x in args.seeds.split(",")], args.jobs)
         print(results_table(results))
         print(f"compare finished in {results['wall_s']:.0f}s; results in {cfg.out}/results.json, results.md, *.png")
+    elif cmd == "explain":
+        p = config_parser("explain")
+        p.add_argument("--runs", default="runs/demo", help="folder whose */checkpoint columns join the mode mass table")
+        p.add_argument("--lesson", default="all", choices=["all", "bias", "coupling", "modes"], help="which lesson to run")
+        p.set_defaults(out="runs/explain")
+        args = p.parse_args(rest)
+        explain(config_from(args), Path(args.runs), args.lesson)
     elif cmd == "bench":
         cfg = parse_config(rest, prog="bench")
         result = bench(cfg)
@@ -1256,8 +1739,12 @@ def main(argv: list[str] | None = None) -> None:
     elif cmd == "demo":
         demo(rest)
     else:
-        sys.exit(f"rlvr.py: unknown command {cmd!r} (use train, bench, make-tasks, or no command for the demo)")
+        sys.exit(f"rlvr.py: unknown command {cmd!r} (use train, compare, explain, bench, make-tasks, or no command for the demo)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        print(f"rlvr.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,10 +1,12 @@
 """Tests for rlvr.py. Run: python -m pytest -q  (about a minute on 2 CPU cores)."""
 import copy
+import dataclasses
 import itertools
 import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -427,3 +429,181 @@ def test_every_method_runs_one_step(method, tmp_path, task_dir, tokenizer, warm_
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     if "kl" in method:
         assert stats["kl"] >= 0
+
+
+# ---------------------------------------------------------------- lessons: sampling bias and semantic coupling
+def test_ideal_update_never_lowers_a_correct_output_but_a_finite_group_does():
+    probs = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.05, 0.20], dtype=torch.float64)  # five correct outputs + a wrong bucket
+    rewards = torch.tensor([1.0, 1, 1, 1, 1, 0], dtype=torch.float64)
+    for beta in (0.1, 1.0, 10.0):
+        ideal = rlvr.ideal_update(probs, rewards, beta)
+        assert (ideal[:5] >= probs[:5]).all() and torch.isclose(ideal.sum(), torch.tensor(1.0, dtype=torch.float64))
+    new, sampled = rlvr.finite_group_update(probs.expand(200, -1).clone(), rewards, 4, 1.0, torch.Generator().manual_seed(0))
+    fell = (new[:, :5] < probs[:5]) & ~sampled[:, :5]
+    assert fell.any(), "some group of 4 must miss a correct output that then loses mass"
+    lesson = rlvr.sampling_bias_lesson(probs, rewards, group_sizes=(4, 64), groups=500, steps=2)
+    assert np.mean(lesson["G"][4]["fell"]) > np.mean(lesson["G"][64]["fell"])  # smaller groups miss more
+    assert all(a >= b for a, b in zip(lesson["G"][4]["p_ideal"], lesson["p_before"]))
+
+
+def test_coupling_spreads_through_shared_structure(tokenizer, task_dir):
+    full = {s: rlvr.TaskSet.build(rlvr.load_tasks(rlvr.HERE / "toy_tasks", s), tokenizer) for s in ("train", "test")}
+    cfg = rlvr.Config(n_embd=32, n_layer=1, n_head=2, ws_steps=150, ws_batch=64)
+    model = rlvr.warm_start(cfg, full["train"], tokenizer, torch.device("cpu"))
+    q = next(i for i, t in enumerate(full["train"].tasks) if t["prompt"] == "sum3=15:")
+    result = rlvr.coupling_lesson(model, tokenizer, full, q, "8+5+2")
+    assert result["p_after"] > result["p_before"]
+    groups = result["splits"]["train"]
+    most = next(g for g in rlvr.COUPLING_GROUPS if groups[g]["n"] > 0)
+    assert groups["none"]["n"] > 0 and groups[most]["mean_dlogp"] > groups["none"]["mean_dlogp"]
+    assert rlvr.overlap_group("8+5+2", "2+8+5") == "same digits" and rlvr.overlap_group("8+5+2", "8+1+6") == "same first token"
+    assert rlvr.overlap_group("8+5+2", "1+3+9") == "none" and rlvr.overlap_group("8+5+2", "1+5+9") == "some digits"
+
+
+# ---------------------------------------------------------------- reliability: bad input, interruption, determinism
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(rlvr.HERE / "rlvr.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"type": "digit_sum", "prompt": "x", "terms": 3, "target": 9}\n{not json\n', "train.jsonl:2: not valid JSON"),
+    ('{"type": "digit_sum", "prompt": "x", "terms": 3}\n', "train.jsonl:1: digit_sum task is missing field 'target'"),
+    ('{"type": "sorting", "prompt": "x"}\n', "train.jsonl:1: unknown task type 'sorting'"),
+    ('{"type": "digit_sum", "prompt": "x", "terms": "3", "target": 9}\n', "train.jsonl:1: field 'terms' must be int"),
+    ('{"type": "digit_sum", "prompt": "x", "terms": 3, "target": 99}\n', "train.jsonl:1: task 'x' has no correct answer"),
+    ("\n\n", "train.jsonl: no tasks in file"),
+    ('[1, 2]\n', "train.jsonl:1: a task must be a JSON object"),
+])
+def test_bad_task_files_give_one_clear_line_and_exit_2(tmp_path, task_dir, content, expected):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for split in ("val", "test"):
+        (folder / f"{split}.jsonl").write_text((task_dir / f"{split}.jsonl").read_text())
+    (folder / "train.jsonl").write_text(content)
+    r = run_cli("train", "--tasks", str(folder), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr
+
+
+def test_missing_task_folder_and_file(tmp_path):
+    r = run_cli("train", "--tasks", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "task folder" in r.stderr and "not found" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "t").mkdir()
+    r = run_cli("train", "--tasks", str(tmp_path / "t"))
+    assert r.returncode == 2 and "train.jsonl: missing" in r.stderr
+
+
+def test_duplicate_queries_across_splits_are_reported(tmp_path, task_dir, capsys):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for split in ("train", "val"):
+        (folder / f"{split}.jsonl").write_text((task_dir / f"{split}.jsonl").read_text())
+    (folder / "test.jsonl").write_text((task_dir / "test.jsonl").read_text() + (task_dir / "train.jsonl").read_text().splitlines()[0] + "\n")
+    rlvr.train(tiny_cfg(tmp_path, folder, steps=1, eval_every=0))
+    assert "held-out query also in train.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--group-size", "1"], "--group-size must be at least 2"),
+    (["--lr", "-0.1"], "learning rates"),
+    (["--method", "ppo"], "unknown method 'ppo'"),
+    (["--dlc-mu", "5"], "--dlc-mu must be in [0, 2]"),
+    (["--passk-k", "9"], "--passk-k must be in 1..group size"),
+    (["--eval-n", "0"], "--eval-n must be at least 1"),
+    (["--steps", "ten"], "invalid int value"),
+])
+def test_impossible_arguments_are_refused_before_work(tmp_path, flags, expected):
+    t0 = time.perf_counter()
+    r = run_cli("train", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *flags)
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "cache").exists() and time.perf_counter() - t0 < 60  # refused before any warm-start
+
+
+def test_non_finite_loss_skips_the_update(tmp_path, task_dir, tokenizer, warm_model, monkeypatch):
+    model, train = warm_model
+    model = copy.deepcopy(model)
+    real = rlvr.completion_logprobs
+
+    def poisoned(*args, **kw):
+        logp, ent, hidden = real(*args, **kw)
+        return logp * float("nan"), ent, hidden
+
+    monkeypatch.setattr(rlvr, "completion_logprobs", poisoned)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = rlvr.rl_step(tiny_cfg(tmp_path, task_dir, group_size=8), model, tokenizer, opt, train, list(range(len(train))),
+                         torch.Generator().manual_seed(0))
+    assert stats["skipped_updates"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_out_of_memory_retries_with_micro_batches(tmp_path, task_dir, tokenizer, warm_model, monkeypatch):
+    """A fake CUDA out-of-memory above 16 sequences: the step halves its micro-batch until it fits, same update."""
+    model, train = warm_model
+    cfg = tiny_cfg(tmp_path, task_dir, group_size=8)
+    queries = list(range(len(train)))
+    ref = copy.deepcopy(model)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    stats_ref = rlvr.rl_step(dataclasses.replace(cfg, micro_batch=12), ref, tokenizer, opt_ref, train, queries, torch.Generator().manual_seed(0))
+    real = rlvr.completion_logprobs
+
+    def small_gpu(model_, rollouts, **kw):
+        if rollouts.input_ids.shape[0] > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model_, rollouts, **kw)
+
+    monkeypatch.setattr(rlvr, "completion_logprobs", small_gpu)
+    oom = copy.deepcopy(model)
+    opt = torch.optim.AdamW(oom.parameters(), lr=1e-3)
+    cfg_oom = dataclasses.replace(cfg)
+    stats = rlvr.rl_step(cfg_oom, oom, tokenizer, opt, train, queries, torch.Generator().manual_seed(0))
+    assert cfg_oom.micro_batch == 12 and stats["reward"] == stats_ref["reward"]  # 48 sequences -> 24 -> 12
+    for a, b in zip(ref.parameters(), oom.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_same_seed_same_summary(tmp_path, task_dir):
+    a = rlvr.train(tiny_cfg(tmp_path, task_dir, out=str(tmp_path / "a"), method="iac+dlc"))
+    b = rlvr.train(tiny_cfg(tmp_path, task_dir, out=str(tmp_path / "b"), method="iac+dlc"))
+    for s in (a, b):
+        s.pop("timing")
+        s["config"].pop("out")
+    assert a == b
+
+
+def test_sigint_saves_and_resume_matches_an_uninterrupted_run(tmp_path, task_dir):
+    common = ["--tasks", str(task_dir), "--cache-dir", str(tmp_path / "cache"), "--n-embd", "32", "--n-layer", "1", "--n-head", "2",
+              "--ws-steps", "150", "--ws-batch", "64", "--steps", "200", "--queries-per-step", "4", "--group-size", "4",
+              "--eval-n", "8", "--eval-every", "50", "--save-every", "0", "--threads", "1", "--method", "iac+dlc+count"]
+    full = run_cli("train", "--out", str(tmp_path / "full"), *common)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([sys.executable, str(rlvr.HERE / "rlvr.py"), "train", "--out", str(tmp_path / "cut"), *common],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "--resume" in err and (tmp_path / "cut" / "checkpoint" / "trainer_state.pt").exists()
+    lines_before = metrics.read_text().splitlines()
+    stopped_at = json.loads(lines_before[-1])["step"]
+    assert 0 < stopped_at < 200
+    assert any(json.loads(x).get("reward", 0) > 0 for x in lines_before)  # the policy was really learning
+    resumed = run_cli("train", "--resume", str(tmp_path / "cut"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics.read_text().splitlines()[: len(lines_before)] == lines_before  # appended, never truncated
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("full", "cut"))
+    for s in (a, b):
+        s.pop("timing")
+        s["config"].pop("out")
+    assert a == b
