@@ -104,7 +104,7 @@ class Config:
     # the paper's calibrations (used when --method names them)
     iac_alpha: float = field(default=1.0, metadata={"help": "IAC exponent: positive advantages x (G - #correct)^alpha (paper: 1)"})
     iac_renorm: bool = field(default=False, metadata={"help": "rescale IAC advantages to the batch's original mean |A| (off: the paper shows none)"})
-    dlc_mu: float = field(default=0.6, metadata={"help": "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy)"})
+    dlc_mu: float = field(default=0.9, metadata={"help": "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy)"})
     dlc_min_p: float = field(default=0.05, metadata={"help": "DLC calibrates only tokens with pi >= min_p * max pi (0 = all; the memory would boost junk it never saw)"})
     dlc_is_cap: float = field(default=0.0, metadata={"help": "truncated importance weight pi/q <= cap for DLC samples (0 = none: a decoupled sampler, so modes the policy would not sample keep their credit)"})
     mem_width: int = field(default=64, metadata={"help": "memory network hidden width"})
@@ -182,6 +182,7 @@ def build_policy(cfg: Config, tokenizer) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: RL log-probs must be deterministic
+        activation_function="gelu_pytorch_tanh",  # GPT-2's gelu, fused: its default is 8 separate elementwise ops
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     return GPT2LMHeadModel(config)
@@ -417,11 +418,8 @@ class Rollouts:
 
 def pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     return ids.to(device), mask.to(device)
 
 
@@ -433,7 +431,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            generator: torch.Generator | None = None, with_entropy: bool = False, memory=None, mu: float = 0.0,
-           min_p: float = 0.0) -> Rollouts:
+           min_p: float = 0.0, stop_at_eos: bool = True) -> Rollouts:
     """Sample one completion per prompt (repeat a prompt G times for a group), batched, KV cache, stop at EOS.
 
     With a `memory` network, each token comes from the DLC-calibrated distribution
@@ -443,10 +441,11 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     base, head, cache_kw = model.base_model, model.get_output_embeddings(), _cache_kwarg(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ids, prompt_mask = pad_left(prompt_ids, pad, device)
-    mask, B = prompt_mask, ids.shape[0]
+    B, P = ids.shape
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)  # grows by slicing, not by cat
     cache = _new_cache(model)
-    pos = positions(mask)
-    hidden = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
+    pos = positions(prompt_mask)
+    hidden = base(input_ids=ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     ent = torch.zeros((B, max_new_tokens), device=device) if with_entropy else None
     sample_logp = torch.zeros((B, max_new_tokens), device=device)
@@ -455,17 +454,17 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     for t in range(max_new_tokens):
         logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # [B, V]
         logq = logp if memory is None else dlc_calibrate(logp, memory(hidden), mu, min_p)  # the sampling distribution
-        tok = torch.multinomial(logq.exp(), 1, generator=generator).squeeze(1)
+        gumbel = -torch.log(-torch.log(torch.rand(logq.shape, generator=generator, device=device)))
+        tok = (logq + gumbel).argmax(dim=-1)  # Gumbel-max: an exact sample from softmax(logq), cheaper than multinomial
         sample_logp[:, t] = logq.gather(1, tok[:, None]).squeeze(1)
         if with_entropy:
             ent[:, t] = -(logp.exp() * logp).sum(-1) * (~done)
         out[:, t] = torch.where(done, pad, tok)
         done = done | (tok == eos)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1 or (stop_at_eos and bool(done.all())):  # one host sync per token, worth it
             break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         next_pos = next_pos + 1
-        hidden = base(input_ids=out[:, t:t + 1], attention_mask=mask, position_ids=next_pos, use_cache=True,
+        hidden = base(input_ids=out[:, t:t + 1], attention_mask=mask[:, :P + t + 1], position_ids=next_pos, use_cache=True,
                       **{cache_kw: cache}).last_hidden_state[:, -1]
     rollouts = _make_rollouts(tokenizer, ids, prompt_mask, out, ent)
     rollouts.sample_logp = sample_logp
@@ -845,7 +844,7 @@ def warmstart_seed(cfg: Config) -> int:
 
 
 def base_key(cfg: Config, train_tasks: list[dict]) -> str:
-    blob = json.dumps({"n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "ws_steps": cfg.ws_steps,
+    blob = json.dumps({"arch": "gpt2-gelu_pytorch_tanh", "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "ws_steps": cfg.ws_steps,
                        "ws_batch": cfg.ws_batch, "ws_lr": cfg.ws_lr, "seed": warmstart_seed(cfg), "tasks": train_tasks,
                        "transformers": transformers.__version__.split(".")[0]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -1137,6 +1136,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
     base, warmstart_s, base_path = get_base(cfg, splits["train"], tokenizer, device)
     for p in base.parameters():
         p.requires_grad_(False)
+    longest = max(len(ids) for ts in splits.values() for ids in ts.prompt_ids) + cfg.max_new_tokens
+    limit = getattr(base.config, "n_positions", None) or getattr(base.config, "max_position_embeddings", None)
+    if limit and longest > limit:
+        raise UserError(f"longest prompt + --max-new-tokens = {longest} tokens, more than the model's {limit} positions")
 
     def eval_all(model, base_lp=None, tag=""):
         res, lps = {}, {}
@@ -1610,6 +1613,12 @@ def plot_results(results: dict, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Benchmark: sampler and DLC cost, RL step time (measured side by side in one process)
 # ----------------------------------------------------------------------------------------------
+def _timed(fn) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    n = fn()
+    return n, time.perf_counter() - t0
+
+
 def _median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -1619,8 +1628,51 @@ def _median_time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def bench(cfg: Config, repeats: int = 15) -> dict:
-    """Plain vs DLC sampling (alternated, median of `repeats`) and the full RL step, on the default base and batch."""
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class ModelTimer:
+    """Time spent inside the policy's forward passes (transformer + LM head) and in backward passes."""
+
+    def __init__(self, model, device):
+        self.model, self.device, self.seconds, self.t0 = model, device, 0.0, {}
+
+    def __enter__(self):
+        def pre(module, args, kwargs=None):
+            _sync(self.device)
+            self.t0[id(module)] = time.perf_counter()
+
+        def post(module, args, output, kwargs=None):
+            _sync(self.device)
+            self.seconds += time.perf_counter() - self.t0.pop(id(module))
+
+        self.hooks = [m.register_forward_pre_hook(pre) for m in (self.model.base_model, self.model.get_output_embeddings())]
+        self.hooks += [m.register_forward_hook(post) for m in (self.model.base_model, self.model.get_output_embeddings())]
+        self.backward, timer = torch.Tensor.backward, self
+
+        def timed_backward(tensor, *args, **kwargs):
+            _sync(timer.device)
+            t0 = time.perf_counter()
+            timer.backward(tensor, *args, **kwargs)
+            _sync(timer.device)
+            timer.seconds += time.perf_counter() - t0
+
+        torch.Tensor.backward = timed_backward
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        torch.Tensor.backward = self.backward
+
+
+def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
+    """Our sampler vs HF generate, plain vs DLC sampling, the RL step and its time in the model, and a scaling table.
+
+    Every pair is measured side by side in this process, alternating, and reported as the median of `repeats`.
+    """
     set_threads(cfg)
     device = pick_device(cfg.device)
     tokenizer = build_tokenizer()
@@ -1628,30 +1680,74 @@ def bench(cfg: Config, repeats: int = 15) -> dict:
     _, _, base_path = get_base(cfg, train_set, tokenizer, device)
     policy, _ = load_policy(base_path, device)
     rng = random.Random(cfg.seed)
-    queries = [rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
-    prompts = [train_set.prompt_ids[q] for q in queries for _ in range(cfg.group_size)]
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     memory = Memory(policy.config.hidden_size, len(tokenizer), cfg, device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def batch(n_queries):
+        queries = [rng.randrange(len(train_set)) for _ in range(n_queries)]
+        return queries, [train_set.prompt_ids[q] for q in queries for _ in range(cfg.group_size)]
+
+    queries, prompts = batch(cfg.queries_per_step)
     for _ in range(3):  # warm up, and give the memory something to remember
         rl_step(dataclasses.replace(cfg, method="iac+dlc"), policy, tokenizer, opt, train_set, queries, gen, None, memory)
-    tokens = {"plain": [], "dlc": []}
-    times = {"plain": [], "dlc": []}
+
+    def ours(mem=None, prompts=prompts, T=cfg.max_new_tokens, stop=True):
+        r = sample(policy, tokenizer, prompts, T, cfg.temperature, gen, memory=mem, mu=cfg.dlc_mu, min_p=cfg.dlc_min_p, stop_at_eos=stop)
+        _sync(device)
+        return int(r.completion_mask.sum()) if stop else r.completion_ids.numel()
+
+    ids, mask = pad_left(prompts, tokenizer.pad_token_id, device)
+
+    def hf_generate():
+        out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, generator=None)
+        _sync(device)
+        comp = out[:, ids.shape[1]:]
+        is_eos = comp == tokenizer.eos_token_id
+        return int(((is_eos.long().cumsum(1) - is_eos.long()) == 0).sum())
+
+    runs = {"ours": ours, "hf_generate": hf_generate, "dlc": lambda: ours(memory)}
+    tps = {k: [] for k in runs}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, fn in runs.items():  # alternate, so drift hits every contender alike
+                t0 = time.perf_counter()
+                n = fn()
+                tps[name].append(n / (time.perf_counter() - t0))
+    tps = {k: float(np.median(v)) for k, v in tps.items()}
+
+    def step(method, q=queries):
+        return rl_step(dataclasses.replace(cfg, method=method), policy, tokenizer, opt, train_set, q, gen, None,
+                       memory if "dlc" in method else None)
+
+    step_s = {m: _median_time(lambda: step(m), repeats) for m in ("grpo", "iac+dlc")}
+    times = []
     for _ in range(repeats):
-        for kind, mem in (("plain", None), ("dlc", memory)):  # alternate, so drift hits both alike
+        with ModelTimer(policy, device) as timer:
             t0 = time.perf_counter()
-            r = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, gen, memory=mem, mu=cfg.dlc_mu, min_p=cfg.dlc_min_p)
-            times[kind].append(time.perf_counter() - t0)
-            tokens[kind].append(int(r.completion_mask.sum()))
-    tps = {k: float(np.median([n / t for n, t in zip(tokens[k], times[k])])) for k in times}
-    step_s = {m: _median_time(lambda: rl_step(dataclasses.replace(cfg, method=m), policy, tokenizer, opt, train_set,
-                                                queries, gen, None, memory if "dlc" in m else None), repeats)
-              for m in ("grpo", "iac+dlc")}
-    result = {"sample_tokens_per_s": round(tps["plain"], 1), "dlc_sample_tokens_per_s": round(tps["dlc"], 1),
-              "dlc_overhead": round(tps["plain"] / tps["dlc"], 3), "rl_step_s": round(step_s["grpo"], 4),
-              "dlc_rl_step_s": round(step_s["iac+dlc"], 4), "batch": f"{cfg.queries_per_step}x{cfg.group_size}",
+            step("grpo")
+            total = time.perf_counter() - t0
+        times.append((timer.seconds, total))
+    model_share = float(np.median([m / t for m, t in times]))
+    result = {"sample_tokens_per_s": round(tps["ours"], 1), "hf_generate_tokens_per_s": round(tps["hf_generate"], 1),
+              "sampler_vs_hf_generate": round(tps["ours"] / tps["hf_generate"], 3),
+              "dlc_sample_tokens_per_s": round(tps["dlc"], 1), "dlc_overhead": round(tps["ours"] / tps["dlc"], 3),
+              "rl_step_s": round(step_s["grpo"], 4), "dlc_rl_step_s": round(step_s["iac+dlc"], 4),
+              "model_time_share": round(model_share, 3), "batch": f"{cfg.queries_per_step}x{cfg.group_size}",
               "max_new_tokens": cfg.max_new_tokens, "device": str(device), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "transformers": transformers.__version__, "repeats": repeats}
+              "torch": torch.__version__, "transformers": transformers.__version__, "repeats": repeats, "scaling": []}
+    if scaling:  # cost as the batch grows (default length), then as the completion grows (no EOS stop, fixed length)
+        for n_seq, T in [(64, 8), (256, 8), (1024, 8), (128, 16), (128, 32), (128, 48)]:
+            q, p = batch(max(1, n_seq // cfg.group_size))
+            fixed = T != cfg.max_new_tokens
+            n_rep = max(3, repeats // 3)
+            tok_s = float(np.median([n / t for n, t in (_timed(lambda: ours(None, p, T, stop=not fixed)) for _ in range(n_rep))]))
+            sc = dataclasses.replace(cfg, max_new_tokens=T)
+            st = _median_time(lambda: rl_step(sc, policy, tokenizer, opt, train_set, q, gen), n_rep)
+            result["scaling"].append({"sequences": len(p), "max_new_tokens": T, "stop_at_eos": not fixed,
+                                      "sample_tokens_per_s": round(tok_s, 1), "rl_step_s": round(st, 4)})
     return result
 
 
