@@ -37,6 +37,7 @@ Run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -49,6 +50,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +82,8 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores, at most 4; tiny models gain nothing from more)"})
     # policy
+    model: str = field(default="", metadata={"help": "a Hugging Face causal LM (local path or hub name) to train instead of the built-in tiny GPT-2"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory, ~30%% slower)"})
     n_embd: int = field(default=64, metadata={"help": "hidden size of the built-in GPT-2 policy"})
     n_layer: int = field(default=2, metadata={"help": "layers of the built-in GPT-2 policy"})
     n_head: int = field(default=4, metadata={"help": "attention heads of the built-in GPT-2 policy"})
@@ -189,10 +193,34 @@ def build_policy(cfg: Config, tokenizer) -> GPT2LMHeadModel:
 
 
 def load_policy(path: str | Path, device: torch.device):
-    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    """Any causal LM: bf16 weights on CUDA (half the memory, the math that GPUs are fast at), fp32 on CPU."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return model.eval(), load_tokenizer(path)
+
+
+def load_tokenizer(path: str | Path | None = None):
+    """The built-in character tokenizer, or a model's own, left-padding and with a pad token."""
+    if not path:
+        return build_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    return model.eval(), tokenizer
+    if tokenizer.pad_token is None:  # Llama-style tokenizers have none; pads are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def format_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, wrapped in the tokenizer's chat template when it has one (instruct models)."""
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                   for p in prompts]
+    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (log-softmax stays in fp32, see .float() calls); exact fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _cache_kwarg(model) -> str:
@@ -260,18 +288,47 @@ def enumerate_countdown(task: dict) -> list[str]:
 
 
 # A task type is a verifier plus an enumerator of its correct completions; add yours here.
+# word_problem: a story around a countdown query, for real language models (answer: one expression).
 TASK_TYPES = {
     "digit_sum": (verify_digit_sum, enumerate_digit_sum),
     "countdown": (verify_countdown, enumerate_countdown),
+    "word_problem": (verify_countdown, enumerate_countdown),
 }
+
+
+_BOXED = "\\boxed{"
+_LABEL = re.compile(r"^[A-Za-z][A-Za-z ]{0,24}:")
+
+
+def extract_answer(completion: str) -> str:
+    """The answer part of a completion: the last \\boxed{...} if any, else the last non-empty line, without
+    labels ('Answer:'), markdown, spaces, a final period or a trailing '= value'. Toy completions pass unchanged.
+    Reads at most the last 4096 characters, so any input costs O(1) after the slice."""
+    text = completion[-4096:]
+    start = text.rfind(_BOXED)
+    if start >= 0:
+        depth, end = 1, start + len(_BOXED)
+        while end < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        answer = text[start + len(_BOXED):end - 1 if depth == 0 else end]
+    else:
+        lines = [line for line in text.splitlines() if line.strip()]
+        answer = lines[-1] if lines else ""
+    answer = _LABEL.sub("", answer.strip().replace("**", ""))
+    answer = re.sub(r"[\s$`*]|\\[a-z]+", lambda m: "*" if m.group() in ("*", "\\times", "\\cdot") else "", answer)
+    return answer.split("=")[0].rstrip(".")
 
 
 def verify(task: dict, completion: str) -> float:
     """1.0 if `completion` solves `task` (one JSONL record), else 0.0. Never raises, never eval()s."""
     try:
-        if not isinstance(completion, str) or len(completion) > MAX_ANSWER_CHARS:
+        if not isinstance(completion, str):
             return 0.0
-        return TASK_TYPES[task["type"]][0](task, completion.strip())
+        answer = extract_answer(completion)
+        if len(answer) > MAX_ANSWER_CHARS:
+            return 0.0
+        return TASK_TYPES[task["type"]][0](task, answer)
     except Exception:  # a malformed task record is reported when loading; here only model text arrives
         return 0.0
 
@@ -279,6 +336,35 @@ def verify(task: dict, completion: str) -> float:
 def enumerate_solutions(task: dict) -> list[str]:
     """Every correct completion of `task`, in canonical form, sorted."""
     return TASK_TYPES[task["type"]][1](task)
+
+
+WORD_TEMPLATES = [  # (story, the answer's value from the numbers a, b, c)
+    ("{name} has {a} bags with {b} {item} in each bag and finds {c} more {item}.", lambda a, b, c: a * b + c),
+    ("{name} buys {a} packs of {b} {item} and gives {c} {item} away.", lambda a, b, c: a * b - c),
+    ("{name} has {a} {item}, gets {b} more, and later {c} more.", lambda a, b, c: a + b + c),
+    ("{a} friends each bring {b} {item} to {name}'s party, and {c} {item} get lost.", lambda a, b, c: a * b - c),
+    ("{name} collects {b} {item} a day for {a} days, then {c} more on the last evening.", lambda a, b, c: a * b + c),
+]
+NAMES, ITEMS = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"], ["apples", "pencils", "stickers", "marbles", "cookies"]
+
+
+def make_word_problems(rng: random.Random, n: int) -> list[dict]:
+    """Stories whose answer is an expression over their three numbers: several orders are correct, all enumerable."""
+    tasks, seen = [], set()
+    while len(tasks) < n:
+        story, value = rng.choice(WORD_TEMPLATES)
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
+        text = story.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b, c=c)
+        if text in seen:
+            continue
+        seen.add(text)
+        prompt = (f"{text} Write one arithmetic expression that uses each of the numbers {a}, {b} and {c} exactly once, "
+                  f"with only +, - and * and no brackets, whose value is how many there are at the end. "
+                  f"Put the expression alone on the last line.")
+        task = {"id": f"wp-{len(tasks)}", "type": "word_problem", "prompt": prompt, "numbers": [a, b, c], "target": value(a, b, c)}
+        task["num_solutions"] = len(enumerate_countdown(task))
+        tasks.append(task)
+    return tasks
 
 
 def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] = (48, 40, 48)) -> dict[str, int]:
@@ -306,13 +392,17 @@ def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] =
     splits["train"] += pool[:n_train]
     splits["val"] += pool[n_train:n_train + n_val]
     splits["test"] += pool[n_train + n_val:n_train + n_val + n_test]
+    # word problems for real language models (--model), in their own folder: toy_tasks/word_problems
+    words = make_word_problems(rng, 100)
+    word_splits = {"train": words[:60], "val": words[60:80], "test": words[80:]}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, tasks in splits.items():
-        with open(out / f"{name}.jsonl", "w") as f:
-            for task in tasks:
-                f.write(json.dumps(task) + "\n")
-    return {name: len(tasks) for name, tasks in splits.items()}
+    for folder, split_tasks in ((out, splits), (out / "word_problems", word_splits)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, tasks in split_tasks.items():
+            with open(folder / f"{name}.jsonl", "w") as f:
+                for task in tasks:
+                    f.write(json.dumps(task) + "\n")
+    return {name: len(tasks) for name, tasks in splits.items()} | {f"word_problems/{k}": len(v) for k, v in word_splits.items()}
 
 
 class UserError(Exception):
@@ -321,7 +411,8 @@ class UserError(Exception):
 
 # the fields each task type needs, with their types; enumerate_solutions must also find at least one answer
 TASK_FIELDS = {"digit_sum": {"prompt": str, "terms": int, "target": int},
-               "countdown": {"prompt": str, "numbers": list, "target": int}}
+               "countdown": {"prompt": str, "numbers": list, "target": int},
+               "word_problem": {"prompt": str, "numbers": list, "target": int}}
 
 
 def check_task(task, where: str) -> None:
@@ -337,7 +428,7 @@ def check_task(task, where: str) -> None:
             raise UserError(f"{where}: field {name!r} must be {typ.__name__}, got {task[name]!r}")
     if kind == "digit_sum" and not 1 <= task["terms"] <= 6:
         raise UserError(f"{where}: 'terms' must be 1..6 (9^terms answers are enumerated), got {task['terms']}")
-    if kind == "countdown" and not (1 <= len(task["numbers"]) <= 5 and all(isinstance(n, int) and 0 <= n < 1000 for n in task["numbers"])):
+    if kind in ("countdown", "word_problem") and not (1 <= len(task["numbers"]) <= 5 and all(isinstance(n, int) and 0 <= n < 1000 for n in task["numbers"])):
         raise UserError(f"{where}: 'numbers' must be 1..5 integers in 0..999, got {task['numbers']!r}")
     if not task["prompt"]:
         raise UserError(f"{where}: empty prompt")
@@ -384,7 +475,7 @@ class TaskSet:
 
     @classmethod
     def build(cls, tasks: list[dict], tokenizer) -> "TaskSet":
-        return cls(tasks, tokenizer([t["prompt"] for t in tasks], add_special_tokens=False)["input_ids"])
+        return cls(tasks, format_prompts(tokenizer, [t["prompt"] for t in tasks]))
 
     @property
     def solutions(self) -> list[list[str]]:
@@ -437,6 +528,19 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     With a `memory` network, each token comes from the DLC-calibrated distribution
     softmax(log pi(.|h) - mu * log m(.|h)) (see `dlc_calibrate`); entropy is always the plain policy's.
     """
+    device = next(model.parameters()).device
+    training = model.training
+    model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
+    try:
+        with autocast(device):
+            return _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu,
+                           min_p, stop_at_eos)
+    finally:
+        model.train(training)
+
+
+def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu, min_p,
+            stop_at_eos) -> Rollouts:
     device = next(model.parameters()).device
     base, head, cache_kw = model.base_model, model.get_output_embeddings(), _cache_kwarg(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -507,10 +611,12 @@ def rewards_for(tasks: list[dict], rollouts: Rollouts) -> torch.Tensor:
 def completion_logprobs(model, rollouts: Rollouts, with_entropy: bool = False):
     """Per-token log pi(y_t | q, y_<t) over the completion, [B, T]; optional token entropy and hidden states."""
     P, T = rollouts.prompt_len, rollouts.completion_ids.shape[1]
-    hidden = model.base_model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
-                              position_ids=positions(rollouts.attention_mask)).last_hidden_state
-    hidden = hidden[:, P - 1:P + T - 1]  # the states that predict completion tokens
-    logp_all = torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)  # [B, T, V]
+    with autocast(rollouts.input_ids.device):
+        hidden = model.base_model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
+                                  position_ids=positions(rollouts.attention_mask)).last_hidden_state
+        hidden = hidden[:, P - 1:P + T - 1]  # the states that predict completion tokens (logits nowhere else)
+        logits = model.get_output_embeddings()(hidden)
+    logp_all = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     logp = logp_all.gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
     return logp, entropy, hidden
@@ -644,6 +750,47 @@ def inverse_success_calibration(advantages: torch.Tensor, rewards: torch.Tensor,
     if renorm and calibrated.abs().sum() > 0:
         calibrated = calibrated * (advantages.abs().sum() / calibrated.abs().sum())
     return calibrated
+
+
+def group_index(group_ids) -> torch.Tensor:
+    """Any per-sample group labels (ints, strings, a numpy array of uids) -> dense ids 0..num_groups-1."""
+    labels = group_ids.tolist() if hasattr(group_ids, "tolist") else list(group_ids)
+    dense: dict = {}
+    return torch.tensor([dense.setdefault(x, len(dense)) for x in labels], dtype=torch.long)
+
+
+def inverse_success_calibration_flat(advantages: torch.Tensor, rewards: torch.Tensor, group_ids, alpha: float = 1.0) -> torch.Tensor:
+    """IAC on flat [N] tensors plus a group label per sample (the layout of verl and TRL; groups may differ in size).
+
+    Same rule as `inverse_success_calibration`: positive advantages x (group size - group's correct count)^alpha.
+    """
+    ids = group_index(group_ids).to(advantages.device)
+    size = torch.bincount(ids).to(advantages.dtype)
+    correct = torch.bincount(ids, weights=(rewards > 0).to(advantages.dtype))
+    failures = (size - correct)[ids]
+    return torch.where(advantages > 0, advantages * failures ** alpha, advantages)
+
+
+def register_verl_iac(name: str = "grpo_iac", alpha: float = 1.0):
+    """Register IAC on top of verl's GRPO estimator as verl advantage estimator `name` (algorithm.adv_estimator=name).
+
+    verl hands over token-level rewards [bs, T], the response mask and a uid per sample; GRPO's advantage is one
+    value per sequence broadcast over its tokens, so IAC scales that value and broadcasts it back. Needs verl.
+    """
+    from verl.trainer.ppo import core_algos
+
+    def compute_grpo_iac_advantage(token_level_rewards, response_mask, index, epsilon: float = 1e-6,
+                                   norm_adv_by_std_in_grpo: bool = True, config=None, **kwargs):
+        advantages, _ = core_algos.compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
+                                                                  norm_adv_by_std_in_grpo, config)
+        per_sequence = (advantages * response_mask).sum(-1) / response_mask.sum(-1).clamp(min=1)
+        calibrated = inverse_success_calibration_flat(per_sequence, token_level_rewards.sum(-1), index, alpha)
+        advantages = calibrated.unsqueeze(-1) * response_mask
+        return advantages, advantages
+
+    if core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is None:
+        core_algos.register_adv_est(name)(compute_grpo_iac_advantage)
+    return core_algos.get_adv_estimator_fn(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -817,7 +964,7 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
         c = int(rewards[q].sum())
         for k in ks:
             pass_k[k] += pass_at_k(n, c, k) / len(taskset)
-        found = {texts[q * n + j].strip() for j in range(n) if rewards[q, j] > 0}
+        found = {extract_answer(texts[q * n + j]) for j in range(n) if rewards[q, j] > 0}
         coverage.append(len(found) / len(taskset.solutions[q]))
     # exact probability of every correct mode, teacher-forced
     flat_prompts = [p for p, sols in zip(taskset.prompt_ids, taskset.solutions) for _ in sols]
@@ -871,7 +1018,11 @@ def warm_start(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
 
 
 def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
-    """The warm-started base policy for this config and seed: loaded from the cache, or trained and cached."""
+    """The warm-started base policy for this config and seed: loaded from the cache, or trained and cached.
+    With --model, the given model is the base: no warm-start."""
+    if cfg.model:
+        model, _ = load_policy(cfg.model, device)
+        return model, 0.0, cfg.model
     path = Path(cfg.cache_dir) / f"base-{base_key(cfg, train.tasks)}"
     t0 = time.perf_counter()
     if (path / "config.json").exists():
@@ -887,7 +1038,7 @@ def load_checkpoint(path: str | Path, cfg: Config, device: torch.device):
     model, tokenizer = load_policy(path, device)
     memory = None
     if (Path(path) / "memory.pt").exists():
-        memory = Memory(model.config.hidden_size, len(tokenizer), cfg, device)
+        memory = Memory(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg, device)
         memory.load_state_dict(torch.load(Path(path) / "memory.pt", map_location=device, weights_only=False))
     return model, tokenizer, memory
 
@@ -1005,7 +1156,7 @@ def _rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: l
     rewards = rewards_for(tasks, rollouts).view(len(queries), G)
     counts = None
     if "count" in parts:
-        counts = torch.tensor(count_outcomes(outcome_counts, [(t["id"], x) for t, x in zip(tasks, rollouts.texts)]),
+        counts = torch.tensor(count_outcomes(outcome_counts, [(t["id"], extract_answer(x)) for t, x in zip(tasks, rollouts.texts)]),
                               dtype=torch.float32).view(len(queries), G)
     seq_logp = (old_logp * mask).sum(1).cpu().view(len(queries), G)
     advantages = compute_advantages(cfg, rewards, seq_logp, counts).view(-1).to(device)
@@ -1043,7 +1194,7 @@ def _rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: l
         stats["memory_loss"] = memory.update(hidden, rollouts.completion_ids, mask)
     return {"reward": rewards.mean().item(), "loss": loss, "grad_norm": grad_norm.item(),
             "entropy": entropy_sum / float(mask.sum().clamp(min=1)),
-            "distinct_correct": len({(t["id"], x) for t, x, r in zip(tasks, rollouts.texts, rewards.view(-1).tolist()) if r > 0}),
+            "distinct_correct": len({(t["id"], extract_answer(x)) for t, x, r in zip(tasks, rollouts.texts, rewards.view(-1).tolist()) if r > 0}),
             "tokens": int(mask.sum()), "skipped_updates": skipped, **stats}
 
 
@@ -1128,7 +1279,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     set_threads(cfg)
     device = pick_device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = load_tokenizer(cfg.model)
     raw = {s: load_tasks(cfg.tasks, s) for s in ("train", cfg.eval_split)}
     for line in check_overlap(raw):
         print(f"rlvr.py: warning: held-out query also in train.jsonl: {line}", file=sys.stderr)
@@ -1165,12 +1316,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
         query_rng.setstate(saved["rng"]["queries"])
         torch.set_rng_state(saved["rng"]["torch"])
         outcome_counts = saved["outcome_counts"]
+    if cfg.grad_checkpointing:
+        policy.gradient_checkpointing_enable()
+        policy.train()  # transformers only checkpoints in train mode; the sampler switches to eval itself
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
     elif "dlc" in parse_method(cfg.method)[1]:
         torch.manual_seed(cfg.seed)  # the memory's init must not depend on whether the base came from the cache
-        memory = Memory(policy.config.hidden_size, len(tokenizer), cfg, device)
+        memory = Memory(policy.config.hidden_size, policy.get_output_embeddings().weight.shape[0], cfg, device)
     log = JsonlLog(out / "metrics.jsonl")
     if saved is not None:
         log.write({"step": progress["step"], "resumed": True})
@@ -1353,7 +1507,7 @@ def explain(cfg: Config, runs_dir: Path, lesson: str = "all") -> dict:
     """Print (and plot, with matplotlib) the three lessons; each runs in seconds on a CPU."""
     set_threads(cfg)
     device = pick_device(cfg.device)
-    tokenizer = build_tokenizer()
+    tokenizer = load_tokenizer(cfg.model)
     splits = {s: TaskSet.build(load_tasks(cfg.tasks, s), tokenizer) for s in ("train", "test")}
     base, _, _ = get_base(cfg, splits["train"], tokenizer, device)
     train = splits["train"]
@@ -1479,7 +1633,7 @@ def _run_one(job: tuple[dict, str]) -> str:
     cfg_dict, kind = job
     cfg = Config(**cfg_dict)
     if kind == "base":
-        tokenizer = build_tokenizer()
+        tokenizer = load_tokenizer(cfg.model)
         get_base(cfg, TaskSet.build(load_tasks(cfg.tasks, "train"), tokenizer), tokenizer, pick_device(cfg.device))
     else:
         train(cfg)
@@ -1675,7 +1829,7 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
     """
     set_threads(cfg)
     device = pick_device(cfg.device)
-    tokenizer = build_tokenizer()
+    tokenizer = load_tokenizer(cfg.model)
     train_set = TaskSet.build(load_tasks(cfg.tasks, "train"), tokenizer)
     _, _, base_path = get_base(cfg, train_set, tokenizer, device)
     policy, _ = load_policy(base_path, device)
@@ -1749,6 +1903,63 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
             result["scaling"].append({"sequences": len(p), "max_new_tokens": T, "stop_at_eos": not fixed,
                                       "sample_tokens_per_s": round(tok_s, 1), "rl_step_s": round(st, 4)})
     return result
+
+
+def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
+    """Our RL step vs TRL's GRPOTrainer on the same saved base policy, prompts per step, group, length; one update
+    per batch, no KL, token-level loss in both. Needs `pip install trl` (not a dependency): blocks of steps alternate."""
+    import datasets
+    import trl
+    from transformers import TrainerCallback
+
+    set_threads(cfg)
+    device = pick_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model)
+    train_set = TaskSet.build(load_tasks(cfg.tasks, "train"), tokenizer)
+    _, _, base_path = get_base(cfg, train_set, tokenizer, device)
+    by_prompt = {t["prompt"]: t for t in train_set.tasks}
+
+    def reward(prompts, completions, **kwargs):
+        return [verify(by_prompt[p], c) for p, c in zip(prompts, completions)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+    rng = random.Random(cfg.seed)
+    rows = [{"prompt": train_set.tasks[rng.randrange(len(train_set))]["prompt"]} for _ in range(cfg.queries_per_step * (steps + 4) * rounds)]
+    policy, _ = load_policy(base_path, device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    trl_times, our_times = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            timer = StepTimer()
+            args = trl.GRPOConfig(
+                output_dir=tmp, per_device_train_batch_size=cfg.queries_per_step * cfg.group_size, num_generations=cfg.group_size,
+                max_completion_length=cfg.max_new_tokens, num_iterations=1, beta=0.0, learning_rate=cfg.lr, max_steps=steps + 2,
+                temperature=cfg.temperature, use_cpu=device.type == "cpu", bf16=False, gradient_checkpointing=False,
+                logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed + r)
+            trainer = trl.GRPOTrainer(model=str(base_path), reward_funcs=reward, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                      processing_class=tokenizer, callbacks=[timer])
+            trainer.train()
+            trl_times += timer.times[2:]  # the first steps warm up
+            for _ in range(steps + 2):
+                queries = [rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
+                t0 = time.perf_counter()
+                rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen)
+                our_times.append(time.perf_counter() - t0)
+            our_times = our_times[:-steps - 2] + our_times[-steps:]
+    trl_s, our_s = float(np.median(trl_times)), float(np.median(our_times))
+    return {"trl_version": trl.__version__, "trl_step_s": round(trl_s, 4), "rl_step_s": round(our_s, 4),
+            "speedup_vs_trl": round(trl_s / our_s, 2), "steps_timed": [len(trl_times), len(our_times)],
+            "batch": f"{cfg.queries_per_step}x{cfg.group_size}", "max_new_tokens": cfg.max_new_tokens, "threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1827,8 +2038,15 @@ def main(argv: list[str] | None = None) -> None:
         args = p.parse_args(rest)
         explain(config_from(args), Path(args.runs), args.lesson)
     elif cmd == "bench":
-        cfg = parse_config(rest, prog="bench")
-        result = bench(cfg)
+        p = config_parser("bench")
+        p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer on the same policy (needs pip install trl)")
+        p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+        p.set_defaults(out="runs/bench")
+        args = p.parse_args(rest)
+        cfg = config_from(args)
+        result = bench(cfg, scaling=not args.no_scaling)
+        if args.trl:
+            result["trl"] = bench_trl(cfg)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         write_json(Path(cfg.out) / "bench.json", result)
         print(json.dumps(result, indent=1))
