@@ -195,7 +195,8 @@ def build_policy(cfg: Config, tokenizer) -> GPT2LMHeadModel:
 def load_policy(path: str | Path, device: torch.device):
     """Any causal LM: bf16 weights on CUDA (half the memory, the math that GPUs are fast at), fp32 on CPU."""
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in transformers 5
+    model = AutoModelForCausalLM.from_pretrained(path, **{dtype_kw: dtype}).to(device)
     return model.eval(), load_tokenizer(path)
 
 
@@ -1359,7 +1360,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     checkpoint()
     rl_s = progress["rl_s"]
     summary = {"config": dataclasses.asdict(cfg), "base": base_metrics, "final": final_metrics,
-               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(rl_s, 3), "rl_step_s": round(rl_s / max(cfg.steps, 1), 4)},
+               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(rl_s, 3), "rl_step_s": round(rl_s / max(cfg.steps, 1), 4),
+                          **({"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if device.type == "cuda" else {})},
                "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size, "generated_tokens": progress["tokens"],
                           "skipped_updates": progress["skipped_updates"]}}
     write_json(out / "summary.json", summary)
