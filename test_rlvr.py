@@ -686,3 +686,33 @@ def test_verl_adapter_equals_rlvr_iac():
     # and verl's GRPO agrees with ours at verl's epsilon, so IAC on either base is the same number
     ours = rlvr.inverse_success_calibration(rlvr.grpo_advantages(rewards, eps=1e-6), rewards)
     assert torch.allclose(adv[:, 0], ours.view(-1), atol=1e-5)
+
+
+# ---------------------------------------------------------------- experiments
+def test_compare_writes_results_and_resumes(tmp_path, task_dir, capsys):
+    cfg = tiny_cfg(tmp_path, task_dir, out=str(tmp_path / "cmp"), steps=2, eval_every=1)
+    results = rlvr.compare(cfg, ["grpo", "iac+dlc"], [0, 1], jobs=1)
+    out = tmp_path / "cmp"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["methods"] == ["grpo", "iac+dlc"] and on_disk["seeds"] == [0, 1]
+    assert sorted(on_disk["runs"]) == ["grpo-s0", "grpo-s1", "iac-dlc-s0", "iac-dlc-s1"]
+    for name in ("base", "grpo", "iac+dlc"):
+        for split in ("train", "test"):
+            cell = on_disk["summary"][name][split]["coverage"]
+            assert set(cell) == {"mean", "ci95", "n"} and cell["n"] == 2 and cell["ci95"] >= 0
+    values = [on_disk["runs"][f"grpo-s{s}"]["final"]["test"]["coverage"] for s in (0, 1)]
+    assert on_disk["summary"]["grpo"]["test"]["coverage"]["mean"] == pytest.approx(np.mean(values))
+    assert on_disk["summary"]["iac+dlc"]["budget"]["rollouts"]["mean"] == 2 * 4 * 4
+    table = (out / "results.md").read_text()
+    assert "| iac+dlc |" in table and "+-" in table
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "passk.png").stat().st_size > 0 and (out / "training.png").stat().st_size > 0
+    except ImportError:
+        pass
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    capsys.readouterr()
+    again = rlvr.compare(cfg, ["grpo", "iac+dlc"], [0, 1], jobs=1)
+    assert "4 runs, 4 already finished" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == stamps  # nothing was redone
+    assert again["summary"] == results["summary"]
