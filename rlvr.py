@@ -26,11 +26,21 @@ Departures from the textbook, each with its reason
     detached current ones: no extra forward pass (`--ppo-epochs` > 1 re-uses them as old log-probs).
   * A completion that does not emit EOS within `max_new_tokens` gets reward 0: a correct answer
     must also stop, which keeps every mode of the exact metrics a finite string.
-  * KL to the base is off by default (`--kl-coef 0`), as in TRL's default and DAPO.
+  * KL to the base is off unless `--method` includes `kl` (TRL's default and DAPO's choice).
+
+The paper's fixes (arXiv 2601.15609) and what we chose where it is silent
+  * IAC: positive advantages x (G - #correct)^alpha, after any base estimator (`inverse_success_calibration`).
+  * DLC: rollouts sampled from softmax(log pi - mu log m), m a memory network trained by cross-entropy on
+    recent rollouts. Ours is an MLP head on the policy's detached hidden state (free inside the decode loop),
+    calibrates only tokens the policy finds plausible (`--dlc-min-p`), and applies no importance correction
+    by default (`--dlc-is-cap`). Evaluation always samples the plain policy.
 
 Run
-  python rlvr.py                                   # the demo: warm-start, GRPO, table
-  python rlvr.py train --method grpo --seed 1 --out runs/grpo-s1
+  python rlvr.py                                   # the demo: warm-start, GRPO vs IAC+DLC, table
+  python rlvr.py train --method iac+dlc --seed 1 --out runs/iac-dlc-s1   # any method, any knob (-h)
+  python rlvr.py compare --methods grpo,iac,dlc,iac+dlc --seeds 0,1,2,3,4 --out runs/compare
+  python rlvr.py explain                           # sampling bias and semantic coupling, in seconds
+  python rlvr.py bench --out runs/bench            # speed: sampler, DLC cost, RL step, scaling
   python rlvr.py make-tasks --out toy_tasks        # regenerate the committed task files
   python -m pytest -q                              # the tests
 """
@@ -772,28 +782,6 @@ def inverse_success_calibration_flat(advantages: torch.Tensor, rewards: torch.Te
     return torch.where(advantages > 0, advantages * failures ** alpha, advantages)
 
 
-def register_verl_iac(name: str = "grpo_iac", alpha: float = 1.0):
-    """Register IAC on top of verl's GRPO estimator as verl advantage estimator `name` (algorithm.adv_estimator=name).
-
-    verl hands over token-level rewards [bs, T], the response mask and a uid per sample; GRPO's advantage is one
-    value per sequence broadcast over its tokens, so IAC scales that value and broadcasts it back. Needs verl.
-    """
-    from verl.trainer.ppo import core_algos
-
-    def compute_grpo_iac_advantage(token_level_rewards, response_mask, index, epsilon: float = 1e-6,
-                                   norm_adv_by_std_in_grpo: bool = True, config=None, **kwargs):
-        advantages, _ = core_algos.compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
-                                                                  norm_adv_by_std_in_grpo, config)
-        per_sequence = (advantages * response_mask).sum(-1) / response_mask.sum(-1).clamp(min=1)
-        calibrated = inverse_success_calibration_flat(per_sequence, token_level_rewards.sum(-1), index, alpha)
-        advantages = calibrated.unsqueeze(-1) * response_mask
-        return advantages, advantages
-
-    if core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is None:
-        core_algos.register_adv_est(name)(compute_grpo_iac_advantage)
-    return core_algos.get_adv_estimator_fn(name)
-
-
 # ----------------------------------------------------------------------------------------------
 # Distribution-level calibration (DLC): a memory network of what the policy already sampled
 # ----------------------------------------------------------------------------------------------
@@ -802,9 +790,8 @@ class MemoryNetwork(torch.nn.Module):
 
     Project's choice of architecture: a 2-layer MLP head on the policy's last hidden state rather than a
     second causal LM, because the decode loop already computes that state: DLC then costs one small
-    matmul per token instead of a second transformer (a separate 1-layer LM was as effective in our
-    prototype and doubled the step time). The last layer starts at zero, so the memory starts uniform
-    and DLC is a no-op until it has seen rollouts.
+    matmul per token instead of a second transformer with its own KV cache. The last layer starts at
+    zero, so the memory starts uniform and DLC is a no-op until it has seen rollouts.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, width: int = 64):
@@ -1670,7 +1657,9 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
             _run_one(job)
     runs = {run_name(m, s): json.loads((Path(c.out) / "summary.json").read_text()) for (m, s), c in cfgs.items()}
     results = {"methods": methods, "seeds": seeds, "config": dataclasses.asdict(cfg), "runs": runs, "summary": {},
-               "wall_s": round(time.perf_counter() - t0, 1)}
+               "wall_s": round(time.perf_counter() - t0, 1), "runs_done_now": len(todo)}
+    if not todo and (out / "results.json").exists():  # nothing ran: keep the wall time of the invocation that did
+        results["wall_s"] = json.loads((out / "results.json").read_text()).get("wall_s", results["wall_s"])
     splits = list(next(iter(runs.values()))["final"])
     for name in ["base"] + methods:
         per_split = {}
@@ -1681,6 +1670,13 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
                 flats = [_flat(runs[run_name(name, s)]["final"][split]) for s in seeds]
             per_split[split] = {k: mean_ci([f[k] for f in flats]) for k in flats[0]}
         results["summary"][name] = per_split
+    reference = "grpo" if "grpo" in methods else methods[0]
+    results["paired_vs"], results["paired"] = reference, {}
+    for m in methods:  # per-seed differences to the reference: same base, same seed, so much of the noise cancels
+        if m != reference:
+            results["paired"][m] = {split: {k: mean_ci([_flat(runs[run_name(m, s)]["final"][split])[k]
+                                                        - _flat(runs[run_name(reference, s)]["final"][split])[k] for s in seeds])
+                                            for k in _flat(runs[run_name(m, seeds[0])]["final"][split])} for split in splits}
     for m in methods:
         results["summary"][m]["budget"] = {k: mean_ci([runs[run_name(m, s)]["budget"][k] for s in seeds])
                                            for k in ("rollouts", "generated_tokens")}
@@ -1703,6 +1699,14 @@ def results_table(results: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(
                 f"{row[c]['mean']:.3f} +- {row[c]['ci95']:.3f}" if c in row else "-" for c in cols) + " |")
         lines.append("")
+        if results.get("paired"):
+            lines += [f"*{split}, difference to {results['paired_vs']} paired by seed (same base and seed)*", "",
+                      "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            for name, per_split in results["paired"].items():
+                row = per_split[split]
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{row[c]['mean']:+.3f} +- {row[c]['ci95']:.3f}" if c in row else "-" for c in cols) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -1716,14 +1720,17 @@ def plot_results(results: dict, out: Path) -> None:
         print("matplotlib not installed: no figures (pip install matplotlib)")
         return
     summary, splits = results["summary"], list(results["summary"]["base"])
+    colors = list(plt.cm.tab10.colors) + ["#6b3d9a", "#b15928", "#1f3f5f", "#8c8c00"]
+    style = {m: {"color": colors[i % len(colors)], "lw": 2.6 if m in ("grpo", "iac+dlc") else 1.2}
+             for i, m in enumerate(results["methods"])}
     fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.6), squeeze=False)
     for ax, split in zip(axes[0], splits):
         for name, per_split in summary.items():
             ks = sorted(int(k[5:]) for k in per_split[split] if k.startswith("pass@"))
             mean = [per_split[split][f"pass@{k}"]["mean"] for k in ks]
             ci = [per_split[split][f"pass@{k}"]["ci95"] for k in ks]
-            line, = ax.plot(ks, mean, marker="o", ms=3, label=name, color="k" if name == "base" else None,
-                            ls="--" if name == "base" else "-")
+            line, = ax.plot(ks, mean, marker="o", ms=3, label=name, ls="--" if name == "base" else "-",
+                            **(style[name] if name in style else {"color": "k"}))
             ax.fill_between(ks, np.subtract(mean, ci), np.add(mean, ci), alpha=0.15, color=line.get_color())
         ax.set_xscale("log", base=2)
         ax.set(title=f"{split} queries", xlabel="k", ylabel="pass@k")
@@ -1735,33 +1742,37 @@ def plot_results(results: dict, out: Path) -> None:
     # over training: every eval record of every seed, averaged per step
     held = splits[-1]
     curves = {}
-    for name, run in results["runs"].items():
-        method = name.rsplit("-s", 1)[0]
+    for run in results["runs"].values():
+        method = run["config"]["method"]
         path = Path(run["config"]["out"]) / "metrics.jsonl"
         if not path.exists():
             continue
-        records = [json.loads(line) for line in path.read_text().splitlines() if '"eval"' in line]
-        for r in records:
-            c = curves.setdefault(method, {}).setdefault(r["step"], [])
-            c.append((r["eval"]["train"]["pass@1"], r["eval"][held]["coverage"], r["eval"][held]["pass@1"], r["eval"]["train"]["coverage"]))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+        records = {r["step"]: r["eval"] for r in map(json.loads, path.read_text().splitlines()) if "eval" in r}  # last per step
+        records[0] = run["base"]  # every curve starts at the base
+        for step, ev in records.items():
+            c = curves.setdefault(method, {}).setdefault(step, [])
+            c.append((ev["train"]["pass@1"], ev[held]["coverage"], ev[held]["pass@1"], ev["train"]["coverage"]))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 3.8))
+    b = results["summary"]["base"]
     for method, by_step in curves.items():
         steps = sorted(by_step)
         avg = np.array([np.mean(by_step[s], axis=0) for s in steps])
-        axes[0].plot(steps, avg[:, 0], marker="o", ms=3, label=f"{method} train pass@1")
-        axes[0].plot(steps, avg[:, 1], marker="s", ms=3, ls=":", color=axes[0].lines[-1].get_color(), label=f"{method} {held} coverage")
-        axes[1].plot(avg[:, 0], avg[:, 1], marker="o", ms=3, label=method)
-        axes[2].plot(avg[:, 0], avg[:, 2], marker="o", ms=3, label=method)
-    b = results["summary"]["base"]
-    for ax, key in ((axes[1], "coverage"), (axes[2], "pass@1")):
-        ax.plot([b["train"]["pass@1"]["mean"]], [b[held][key]["mean"]], "k*", ms=10, label="base")
-    axes[0].set(xlabel="RL step", title="over training (mean over seeds)")
-    axes[1].set(xlabel="train pass@1", ylabel=f"{held} coverage", title="diversity at matched accuracy")
-    axes[2].set(xlabel="train pass@1", ylabel=f"{held} pass@1", title="generalisation at matched accuracy")
+        axes[0].plot(steps, avg[:, 0], marker="o", ms=3, label=method, **style[method])
+        axes[1].plot(steps, avg[:, 1], marker="o", ms=3, **style[method])
+        axes[2].plot(avg[:, 0], avg[:, 1], marker="o", ms=3, **style[method])
+        axes[3].plot(avg[:, 0], avg[:, 2], marker="o", ms=3, **style[method])
+    axes[0].axhline(b["train"]["pass@1"]["mean"], color="k", ls="--", lw=1, label="base")
+    axes[1].axhline(b[held]["coverage"]["mean"], color="k", ls="--", lw=1)
+    for ax, key in ((axes[2], "coverage"), (axes[3], "pass@1")):
+        ax.plot([b["train"]["pass@1"]["mean"]], [b[held][key]["mean"]], "k*", ms=10)
+    axes[0].set(xlabel="RL step", ylabel="train pass@1", title="accuracy over training")
+    axes[1].set(xlabel="RL step", ylabel=f"{held} coverage", title="held-out diversity over training")
+    axes[2].set(xlabel="train pass@1", ylabel=f"{held} coverage", title="diversity at matched accuracy (higher is better)")
+    axes[3].set(xlabel="train pass@1", ylabel=f"{held} pass@1", title="generalisation at matched accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
     fig.savefig(out / "training.png", dpi=110)
     plt.close(fig)
 
@@ -1962,6 +1973,31 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
     return {"trl_version": trl.__version__, "trl_step_s": round(trl_s, 4), "rl_step_s": round(our_s, 4),
             "speedup_vs_trl": round(trl_s / our_s, 2), "steps_timed": [len(trl_times), len(our_times)],
             "batch": f"{cfg.queries_per_step}x{cfg.group_size}", "max_new_tokens": cfg.max_new_tokens, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Scaling out: IAC as an advantage estimator of verl (multi-GPU RLVR)
+# ----------------------------------------------------------------------------------------------
+def register_verl_iac(name: str = "grpo_iac", alpha: float = 1.0):
+    """Register IAC on top of verl's GRPO estimator as verl advantage estimator `name` (algorithm.adv_estimator=name).
+
+    verl hands over token-level rewards [bs, T], the response mask and a uid per sample; GRPO's advantage is one
+    value per sequence broadcast over its tokens, so IAC scales that value and broadcasts it back. Needs verl.
+    """
+    from verl.trainer.ppo import core_algos
+
+    def compute_grpo_iac_advantage(token_level_rewards, response_mask, index, epsilon: float = 1e-6,
+                                   norm_adv_by_std_in_grpo: bool = True, config=None, **kwargs):
+        advantages, _ = core_algos.compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
+                                                                  norm_adv_by_std_in_grpo, config)
+        per_sequence = (advantages * response_mask).sum(-1) / response_mask.sum(-1).clamp(min=1)
+        calibrated = inverse_success_calibration_flat(per_sequence, token_level_rewards.sum(-1), index, alpha)
+        advantages = calibrated.unsqueeze(-1) * response_mask
+        return advantages, advantages
+
+    if core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is None:
+        core_algos.register_adv_est(name)(compute_grpo_iac_advantage)
+    return core_algos.get_adv_estimator_fn(name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -703,6 +703,8 @@ def test_compare_writes_results_and_resumes(tmp_path, task_dir, capsys):
     values = [on_disk["runs"][f"grpo-s{s}"]["final"]["test"]["coverage"] for s in (0, 1)]
     assert on_disk["summary"]["grpo"]["test"]["coverage"]["mean"] == pytest.approx(np.mean(values))
     assert on_disk["summary"]["iac+dlc"]["budget"]["rollouts"]["mean"] == 2 * 4 * 4
+    diffs = [on_disk["runs"][f"iac-dlc-s{s}"]["final"]["test"]["coverage"] - values[s] for s in (0, 1)]
+    assert on_disk["paired_vs"] == "grpo" and on_disk["paired"]["iac+dlc"]["test"]["coverage"]["mean"] == pytest.approx(np.mean(diffs))
     table = (out / "results.md").read_text()
     assert "| iac+dlc |" in table and "+-" in table
     try:
@@ -715,4 +717,4 @@ def test_compare_writes_results_and_resumes(tmp_path, task_dir, capsys):
     again = rlvr.compare(cfg, ["grpo", "iac+dlc"], [0, 1], jobs=1)
     assert "4 runs, 4 already finished" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == stamps  # nothing was redone
-    assert again["summary"] == results["summary"]
+    assert again["summary"] == results["summary"] and again["runs_done_now"] == 0 and again["wall_s"] == results["wall_s"]
