@@ -56,8 +56,8 @@ CD = {"type": "countdown", "numbers": [3, 5, 7], "target": 22, "prompt": "3,5,7-
 
 def test_verify_correct_and_wrong():
     assert rlvr.verify(SUM, "4+5+6") == 1.0
-    assert rlvr.verify(SUM, " 9+5+1 ") == 1.0  # surrounding whitespace is tolerated
-    for wrong in ["4+5+5", "15", "4+11", "0+6+9", "4+5+6+0", "5+5+5+", "4 + 5 + 6", "+4+5+6"]:
+    assert rlvr.verify(SUM, " 9+5+1 ") == 1.0 and rlvr.verify(SUM, "4 + 5 + 6") == 1.0  # spacing is not the answer
+    for wrong in ["4+5+5", "15", "4+11", "0+6+9", "4+5+6+0", "5+5+5+", "+4+5+6", "4+5+6\n4+5+5"]:
         assert rlvr.verify(SUM, wrong) == 0.0, wrong
     assert rlvr.verify(CD, "3*5+7") == 1.0
     assert rlvr.verify(CD, "7+5*3") == 1.0  # precedence: 7 + 15
@@ -152,7 +152,7 @@ def test_tokenizer_and_checkpoint_round_trip_through_auto_classes(tmp_path, toke
     tok2 = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     assert tok2(text, add_special_tokens=False)["input_ids"] == ids and tok2.decode(ids) == text
     x = torch.tensor([ids])
-    assert torch.allclose(model2(x).logits, tiny_model(x).logits)
+    assert torch.allclose(model2(x).logits, tiny_model(x).logits, atol=1e-5)  # sdpa after loading, eager before
     assert not list(tmp_path.glob("*.tmp*"))  # the atomic save left no temporary folder
 
 
