@@ -87,13 +87,13 @@ HERE = Path(__file__).resolve().parent
 class Config:
     tasks: str = field(default=str(HERE / "toy_tasks"), metadata={"help": "folder with train/val/test .jsonl task files"})
     out: str = field(default="runs/demo", metadata={"help": "output folder (summary.json, metrics.jsonl, checkpoint)"})
-    seed: int = field(default=0, metadata={"help": "seed for the warm-start, the RL sampling and the evaluation"})
-    method: str = field(default="grpo", metadata={"help": "grpo, iac, dlc or iac+dlc (calibrations on top of the GRPO estimator)"})
+    seed: int = field(default=0, metadata={"help": "seed for the RL sampling and the evaluation (the warm-start uses --base-seed)"})
+    method: str = field(default="grpo", metadata={"help": "an estimator (grpo, drgrpo, rloo, passk, wreinforce) joined by + with any of iac, dlc, unlikely, count, fgrpo, entropy, kl, cliphigher; e.g. iac+dlc"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores, at most 4; tiny models gain nothing from more)"})
     # policy
     model: str = field(default="", metadata={"help": "a Hugging Face causal LM (local path or hub name) to train instead of the built-in tiny GPT-2"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory, ~30%% slower)"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory, more compute)"})
     n_embd: int = field(default=64, metadata={"help": "hidden size of the built-in GPT-2 policy"})
     n_layer: int = field(default=2, metadata={"help": "layers of the built-in GPT-2 policy"})
     n_head: int = field(default=4, metadata={"help": "attention heads of the built-in GPT-2 policy"})
