@@ -1421,7 +1421,7 @@ def sampling_bias_lesson(probs: torch.Tensor, rewards: torch.Tensor, group_sizes
     for G in group_sizes:
         start = probs.expand(groups, -1).clone()
         p, sampled = finite_group_update(start, rewards, G, lr, gen)
-        fell = p[:, correct] < probs[correct]
+        fell = p[:, correct] < probs[correct] * (1 - 1e-9)  # a real loss, not float rounding of an all-correct group
         missed = ~sampled[:, correct]
         target = p[:, correct].sum(1).mean()
         # ideal at matched accuracy: pi*(correct) = p_c e^(1/beta) / (p_c e^(1/beta) + 1 - p_c) = target
@@ -1432,7 +1432,8 @@ def sampling_bias_lesson(probs: torch.Tensor, rewards: torch.Tensor, group_sizes
         out["G"][G] = {"miss_prob": ((1 - probs[correct]) ** G).tolist(), "fell": fell.double().mean(0).tolist(),
                        "fell_were_unsampled": (fell & missed).sum().item() / max(fell.sum().item(), 1),
                        "p_after_if_unsampled": after_missed.tolist(), "p_ideal": ideal[correct].tolist(),
-                       "p_correct_after": target.item(), "below_base_after_steps": (p[:, correct] < probs[correct]).double().mean().item()}
+                       "p_correct_after": target.item(),
+                       "below_base_after_steps": (p[:, correct] < probs[correct] * (1 - 1e-9)).double().mean().item()}
     return out
 
 
@@ -1521,27 +1522,33 @@ def explain(cfg: Config, runs_dir: Path, lesson: str = "all") -> dict:
     task, sols = train.tasks[query], train.solutions[query]
     report: dict = {}
     if lesson in ("all", "bias"):
-        lp = sequence_logprobs(base, tokenizer, [train.prompt_ids[query]] * len(sols), sols).double()
+        # the training query whose base spreads its correct mass least evenly: sampling bias needs a dominant mode
+        shares = []
+        for i, sols_i in enumerate(train.solutions):
+            lp_i = sequence_logprobs(base, tokenizer, [train.prompt_ids[i]] * len(sols_i), sols_i).double()
+            shares.append(((lp_i.exp() / lp_i.exp().sum()).max().item(), i, lp_i))
+        _, bq, lp = max(shares, key=lambda x: x[0])
+        task_b, sols_b = train.tasks[bq], train.solutions[bq]
         # the base's exact shares among the correct completions, at P(correct) = 0.8: an easy query, or any query
-        # mid-training. (Far below that, pushing the wrong bucket down frees mass for everyone and nothing falls yet.)
+        # mid-training. (Far below that, pushing the wrong bucket down frees mass for everyone and nothing falls.)
         share = lp.exp() / lp.exp().sum()
         probs = torch.cat([0.8 * share, torch.tensor([0.2], dtype=torch.float64)])  # correct modes + one wrong bucket
-        rewards = torch.cat([torch.ones(len(sols)), torch.zeros(1)]).double()
+        rewards = torch.cat([torch.ones(len(sols_b)), torch.zeros(1)]).double()
         bias = sampling_bias_lesson(probs, rewards, seed=cfg.seed)
-        report["bias"] = {"query": task["prompt"], "completions": sols, **bias}
-        order = np.argsort(bias["p_before"])[::-1]
+        report["bias"] = {"query": task_b["prompt"], "completions": sols_b, **bias}
+        order = list(np.argsort(bias["p_before"])[::-1])
         by_G = bias["G"]
-        print(f"\n1. SAMPLING BIAS on {task['prompt']!r}: {len(sols)} correct completions with the base's exact shares, scaled to")
+        print(f"\n1. SAMPLING BIAS on {task_b['prompt']!r}: {len(sols_b)} correct completions with the base's exact shares, scaled to")
         print(f"   P(correct) = 0.8, plus one 'wrong' bucket: a categorical policy. One GRPO step from each of {bias['groups_per_G']} groups of size G.")
         print("   miss = (1-p)^G, the chance a group never samples it; fell = share of groups after which it LOST probability;")
         print("   if-missed = its mean probability after a step from a group that missed it; ideal = pi_ref exp(A/beta)/Z at the same P(correct).")
         print(f"   {'completion':>10} {'p base':>7}" + "".join(f" | G={G:<3}{'miss':>5}{'fell':>5}{'if-missed':>10}{'ideal':>7}" for G in by_G))
-        for i in list(order[:5]) + list(order[len(order) // 2:len(order) // 2 + 2]) + list(order[-3:]):
-            print(f"   {sols[i]:>10} {bias['p_before'][i]:7.4f}" + "".join(
+        for i in order if len(order) <= 10 else order[:5] + order[len(order) // 2:len(order) // 2 + 2] + order[-3:]:
+            print(f"   {sols_b[i]:>10} {bias['p_before'][i]:7.4f}" + "".join(
                 f" | {'':5}{g['miss_prob'][i]:5.2f}{g['fell'][i]:5.2f}{g['p_after_if_unsampled'][i]:10.4f}{g['p_ideal'][i]:7.4f}"
                 for g in by_G.values()))
         print("   ideal update: " + ", ".join(f"G={G}: {sum(a < b for a, b in zip(g['p_ideal'], bias['p_before']))}" for G, g in by_G.items())
-              + f" of {len(sols)} correct completions fell. Finite groups: a correct completion fell after "
+              + f" of {len(sols_b)} correct completions fell. Finite groups: a correct completion fell after "
               + ", ".join(f"G={G}: {np.mean(g['fell']):.0%}" for G, g in by_G.items()) + " of steps;")
         print("   those that fell had not been sampled in " + ", ".join(f"G={G}: {g['fell_were_unsampled']:.0%}" for G, g in by_G.items()) + " of cases.")
         print(f"   After {bias['steps']} steps in a row, share of (run, completion) pairs below the base: "

@@ -439,7 +439,7 @@ def test_ideal_update_never_lowers_a_correct_output_but_a_finite_group_does():
         ideal = rlvr.ideal_update(probs, rewards, beta)
         assert (ideal[:5] >= probs[:5]).all() and torch.isclose(ideal.sum(), torch.tensor(1.0, dtype=torch.float64))
     new, sampled = rlvr.finite_group_update(probs.expand(200, -1).clone(), rewards, 4, 1.0, torch.Generator().manual_seed(0))
-    fell = (new[:, :5] < probs[:5]) & ~sampled[:, :5]
+    fell = (new[:, :5] < probs[:5] * (1 - 1e-9)) & ~sampled[:, :5]
     assert fell.any(), "some group of 4 must miss a correct output that then loses mass"
     lesson = rlvr.sampling_bias_lesson(probs, rewards, group_sizes=(4, 64), groups=500, steps=2)
     assert np.mean(lesson["G"][4]["fell"]) > np.mean(lesson["G"][64]["fell"])  # smaller groups miss more
