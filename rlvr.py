@@ -189,6 +189,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Fuse()  # join characters back without spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
     tokenizer.padding_side = "left"  # prompts end at the same column, so completions start together
+    tokenizer.id_to_text = [tok.id_to_token(i) for i in range(len(vocab))]  # decoding is a table lookup (see _make_rollouts)
     return tokenizer
 
 
@@ -609,7 +610,9 @@ def _make_rollouts(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     completion_mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # tokens up to and including the first EOS
     lengths = (completion_mask.sum(1) - finished.long()).tolist()
     # special tokens sampled mid-answer stay visible ("<unk>"), so they can never decode into a correct answer
-    texts = tokenizer.batch_decode([row[:n] for row, n in zip(completion.tolist(), lengths)], skip_special_tokens=False)
+    rows = [row[:n] for row, n in zip(completion.tolist(), lengths)]
+    table = getattr(tokenizer, "id_to_text", None)  # the built-in character tokenizer: same text, no Rust round trip
+    texts = ["".join(table[i] for i in row) for row in rows] if table else tokenizer.batch_decode(rows, skip_special_tokens=False)
     input_ids = torch.cat([prompt_ids, completion], 1)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(completion)], 1)
     return Rollouts(input_ids, attention_mask, completion_mask.long(), prompt_ids.shape[1], texts, finished, entropy)

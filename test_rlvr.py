@@ -154,6 +154,9 @@ def test_tokenizer_and_checkpoint_round_trip_through_auto_classes(tmp_path, toke
     x = torch.tensor([ids])
     assert torch.allclose(model2(x).logits, tiny_model(x).logits, atol=1e-5)  # sdpa after loading, eager before
     assert not list(tmp_path.glob("*.tmp*"))  # the atomic save left no temporary folder
+    rng = random.Random(0)
+    rows = [[rng.randrange(len(tokenizer)) for _ in range(rng.randrange(12))] for _ in range(500)]
+    assert ["".join(tokenizer.id_to_text[i] for i in r) for r in rows] == tokenizer.batch_decode(rows, skip_special_tokens=False)
 
 
 def test_sampler_masks_after_eos_and_group_samples_differ(tokenizer, tiny_model):
