@@ -196,6 +196,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 TINY_ATTENTION = "eager"  # 4 heads of 16 dims: the eager kernels' backward beats SDPA's on CPU (RL step 46 vs 50 ms)
 
 
+def attention_for(cfg) -> str | None:
+    """The attention kernels to load a policy with: ours for the built-in model, the model's own default otherwise."""
+    return None if cfg.model else TINY_ATTENTION
+
+
 def build_policy(cfg: Config, tokenizer) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -569,9 +574,12 @@ def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator
     cache = _new_cache(model)
     pos = positions(prompt_mask)
     # a group repeats its prompt G times: run each distinct prompt once, then copy its KV cache to every row
-    first_row: dict[tuple, int] = {}
-    rows = [first_row.setdefault(tuple(p), len(first_row)) for p in prompt_ids]
-    unique = torch.tensor([rows.index(u) for u in range(len(first_row))], device=device)
+    first_row: dict[tuple, int] = {}  # distinct prompt -> the row where it first appears
+    for row, p in enumerate(prompt_ids):
+        first_row.setdefault(tuple(p), row)
+    slot = {key: i for i, key in enumerate(first_row)}
+    rows = [slot[tuple(p)] for p in prompt_ids]
+    unique = torch.tensor(list(first_row.values()), device=device)
     hidden = base(input_ids=ids[unique], attention_mask=prompt_mask[unique], position_ids=pos[unique], use_cache=True,
                   **{cache_kw: cache}).last_hidden_state[:, -1]
     if len(unique) < B:
@@ -1042,7 +1050,7 @@ def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
 
 def load_checkpoint(path: str | Path, cfg: Config, device: torch.device):
     """Policy, tokenizer and (for DLC runs) the memory network with its optimizer and replay window."""
-    model, tokenizer = load_policy(path, device, None if cfg.model else TINY_ATTENTION)
+    model, tokenizer = load_policy(path, device, attention_for(cfg))
     memory = None
     if (Path(path) / "memory.pt").exists():
         memory = Memory(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg, device)
@@ -1099,10 +1107,13 @@ def compute_advantages(cfg: Config, rewards: torch.Tensor, seq_logp: torch.Tenso
     return advantages
 
 
+def _rows(x, i: int, j: int):
+    return None if x is None else x[i:j]
+
+
 def slice_rollouts(r: Rollouts, i: int, j: int) -> Rollouts:
-    pick = lambda x: None if x is None else x[i:j]  # noqa: E731
     return Rollouts(r.input_ids[i:j], r.attention_mask[i:j], r.completion_mask[i:j], r.prompt_len, r.texts[i:j],
-                    r.finished[i:j], pick(r.entropy), pick(r.sample_logp))
+                    r.finished[i:j], _rows(r.entropy, i, j), _rows(r.sample_logp, i, j))
 
 
 def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
@@ -1175,7 +1186,6 @@ def _rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: l
     if "dlc" in parts and cfg.dlc_is_cap > 0:  # optional correction for sampling from q instead of pi
         weights = torch.exp(old_logp - rollouts.sample_logp).clamp(max=cfg.dlc_is_cap)
     denom = B * cfg.max_new_tokens if estimator == "drgrpo" else float(mask.sum().clamp(min=1))
-    pick = lambda x, i, j: None if x is None else x[i:j]  # noqa: E731
     skipped = 0
     for epoch in range(cfg.ppo_epochs):
         opt.zero_grad(set_to_none=True)
@@ -1185,7 +1195,7 @@ def _rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: l
                 policy, slice_rollouts(rollouts, i, j), with_entropy=True)
             part_loss, stats = ppo_clip_loss(
                 logp, old_logp[i:j], advantages[i:j], mask[i:j], cfg.clip_eps, cfg.clip_eps_high if "cliphigher" in parts else None,
-                pick(ref_logp, i, j), cfg.kl_coef, entropy, cfg.entropy_coef if "entropy" in parts else 0.0, pick(weights, i, j), norm=denom)
+                _rows(ref_logp, i, j), cfg.kl_coef, entropy, cfg.entropy_coef if "entropy" in parts else 0.0, _rows(weights, i, j), norm=denom)
             part_loss.backward()
             loss += part_loss.item()
             entropy_sum += (entropy.detach() * mask[i:j]).sum().item()
@@ -1313,7 +1323,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if saved is None:  # a fresh run; an earlier run's metrics in this folder are kept, renamed
         if (out / "metrics.jsonl").exists():
             os.replace(out / "metrics.jsonl", out / f"metrics.{int(time.time())}.jsonl")
-        policy, _ = load_policy(base_path, device, None if cfg.model else TINY_ATTENTION)  # a fresh copy; `base` stays frozen
+        policy, _ = load_policy(base_path, device, attention_for(cfg))  # a fresh copy; `base` stays frozen
         base_metrics, base_lp = eval_all(base, tag="base ")
         progress = {"step": 0, "rl_s": 0.0, "tokens": 0, "skipped_updates": 0}
     else:
@@ -1461,12 +1471,12 @@ def overlap_group(reinforced: str, other: str) -> str:
     """How much a completion shares with the reinforced one: its exact text, its digits, its first token, or nothing."""
     if other == reinforced:
         return "same text"
-    digits, other_digits = set(re.findall(r"\d", reinforced)), set(re.findall(r"\d", other))
-    if sorted(re.findall(r"\d", other)) == sorted(re.findall(r"\d", reinforced)):
+    digits, other_digits = sorted(re.findall(r"\d", reinforced)), sorted(re.findall(r"\d", other))
+    if digits == other_digits:
         return "same digits"
     if other[:1] == reinforced[:1]:
         return "same first token"
-    return "none" if not digits & other_digits else "some digits"
+    return "some digits" if set(digits) & set(other_digits) else "none"
 
 
 COUPLING_GROUPS = ("same text", "same digits", "same first token", "some digits", "none")
@@ -1507,7 +1517,7 @@ def mode_mass_table(cfg: Config, tokenizer, task: dict, prompt_ids: list[int], b
     sols = enumerate_solutions(task)
     columns = {"base": sequence_logprobs(base, tokenizer, [prompt_ids] * len(sols), sols).exp()}
     for ckpt in sorted(runs_dir.glob("*/checkpoint")) if runs_dir.exists() else []:
-        model, _ = load_policy(ckpt, device, None if cfg.model else TINY_ATTENTION)
+        model, _ = load_policy(ckpt, device, attention_for(cfg))
         columns[ckpt.parent.name] = sequence_logprobs(model, tokenizer, [prompt_ids] * len(sols), sols).exp()
     return sols, columns
 
@@ -1861,17 +1871,23 @@ class ModelTimer:
         torch.Tensor.backward = self.backward
 
 
-def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
-    """Our sampler vs HF generate, plain vs DLC sampling, the RL step and its time in the model, and a scaling table.
-
-    Every pair is measured side by side in this process, alternating, and reported as the median of `repeats`.
-    """
+def _bench_setup(cfg: Config):
+    """Threads, device, tokenizer, training tasks and the (warm-started) base policy every benchmark starts from."""
     set_threads(cfg)
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     train_set = TaskSet.build(load_tasks(cfg.tasks, "train"), tokenizer)
     _, _, base_path = get_base(cfg, train_set, tokenizer, device)
-    policy, _ = load_policy(base_path, device, None if cfg.model else TINY_ATTENTION)
+    policy, _ = load_policy(base_path, device, attention_for(cfg))
+    return device, tokenizer, train_set, policy
+
+
+def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
+    """Our sampler vs HF generate, plain vs DLC sampling, the RL step and its time in the model, and a scaling table.
+
+    Every pair is measured side by side in this process, alternating, and reported as the median of `repeats`.
+    """
+    device, tokenizer, train_set, policy = _bench_setup(cfg)
     rng = random.Random(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     memory = Memory(policy.config.hidden_size, len(tokenizer), cfg, device)
@@ -1951,11 +1967,8 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
     import trl
     from transformers import TrainerCallback
 
-    set_threads(cfg)
-    device = pick_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
-    train_set = TaskSet.build(load_tasks(cfg.tasks, "train"), tokenizer)
-    _, _, base_path = get_base(cfg, train_set, tokenizer, device)
+    device, tokenizer, train_set, policy = _bench_setup(cfg)
+    base_path = policy.name_or_path  # TRL loads the same saved policy itself
     by_prompt = {t["prompt"]: t for t in train_set.tasks}
 
     def reward(prompts, completions, **kwargs):
@@ -1973,7 +1986,6 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
 
     rng = random.Random(cfg.seed)
     rows = [{"prompt": train_set.tasks[rng.randrange(len(train_set))]["prompt"]} for _ in range(cfg.queries_per_step * (steps + 4) * rounds)]
-    policy, _ = load_policy(base_path, device, TINY_ATTENTION)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     trl_times, our_times = [], []
@@ -1985,7 +1997,7 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
                 max_completion_length=cfg.max_new_tokens, num_iterations=1, beta=0.0, learning_rate=cfg.lr, max_steps=steps + 2,
                 temperature=cfg.temperature, use_cpu=device.type == "cpu", bf16=False, gradient_checkpointing=False,
                 logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed + r,
-                model_init_kwargs={"attn_implementation": TINY_ATTENTION})  # the same attention kernels as ours
+                model_init_kwargs={"attn_implementation": attention_for(cfg)})  # the same attention kernels as ours
             trainer = trl.GRPOTrainer(model=str(base_path), reward_funcs=reward, args=args, train_dataset=datasets.Dataset.from_list(rows),
                                       processing_class=tokenizer, callbacks=[timer])
             trainer.train()
