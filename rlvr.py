@@ -646,28 +646,30 @@ def rewards_for(tasks: list[dict], rollouts: Rollouts) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Log-probabilities of completions: one forward, logits only at completion positions
 # ----------------------------------------------------------------------------------------------
-def completion_logprobs(model, rollouts: Rollouts, with_entropy: bool = False):
-    """Per-token log pi(y_t | q, y_<t) over the completion, [B, T]; optional token entropy and hidden states."""
+def completion_logprobs(model, rollouts: Rollouts, with_entropy: bool = False, temperature: float = 1.0):
+    """Per-token log pi(y_t | q, y_<t) over the completion, [B, T]; optional token entropy and hidden states.
+    temperature: log-probs of the tempered distribution that `sample` draws from (exact metrics only)."""
     P, T = rollouts.prompt_len, rollouts.completion_ids.shape[1]
     with autocast(rollouts.input_ids.device):
         hidden = model.base_model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
                                   position_ids=positions(rollouts.attention_mask)).last_hidden_state
         hidden = hidden[:, P - 1:P + T - 1]  # the states that predict completion tokens (logits nowhere else)
         logits = model.get_output_embeddings()(hidden)
-    logp_all = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, T, V]
     logp = logp_all.gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
     return logp, entropy, hidden
 
 
 @torch.no_grad()
-def sequence_logprobs(model, tokenizer, prompt_ids: list[list[int]], completions: list[str], batch: int = 4096) -> torch.Tensor:
+def sequence_logprobs(model, tokenizer, prompt_ids: list[list[int]], completions: list[str], batch: int = 4096,
+                      temperature: float = 1.0) -> torch.Tensor:
     """Exact log pi(completion + EOS | prompt) for each pair: the teacher-forced probability of one mode."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(completions), batch):
         r = rollouts_from_text(tokenizer, prompt_ids[i:i + batch], completions[i:i + batch], device)
-        logp, _, _ = completion_logprobs(model, r)
+        logp, _, _ = completion_logprobs(model, r, temperature=temperature)
         out.append((logp * r.completion_mask).sum(1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -951,6 +953,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def exact_pass_at_k(p_correct: float, k: int) -> float:
+    """pass@k of a policy that answers correctly with probability p_correct: 1 - (1 - p)^k, exactly."""
+    if not 0.0 <= p_correct <= 1.0 + 1e-6 or k < 1:
+        raise ValueError(f"exact_pass_at_k needs 0 <= p <= 1 and k >= 1, got p={p_correct} k={k}")
+    return -math.expm1(k * math.log1p(-min(p_correct, 1.0))) if p_correct < 1.0 else 1.0
+
+
+def exact_coverage(mode_probs: list[float], n: int) -> float:
+    """Expected share of the correct modes found at least once in n samples: mean over modes of 1 - (1 - pi(o))^n."""
+    return float(np.mean([exact_pass_at_k(p, n) for p in mode_probs])) if mode_probs else 0.0
+
+
 def k_values(n: int) -> list[int]:
     ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
     return ks if ks[-1] == n else ks + [n]
@@ -974,17 +988,30 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
     rewards = torch.cat(rewards).view(len(taskset), n)
     ks = k_values(n)
     pass_k = {k: 0.0 for k in ks}
-    coverage = []
+    coverage, correct, noncanonical = [], 0, 0
     for q in range(len(taskset)):
         c = int(rewards[q].sum())
         for k in ks:
             pass_k[k] += pass_at_k(n, c, k) / len(taskset)
-        found = {extract_answer(texts[q * n + j]) for j in range(n) if rewards[q, j] > 0}
-        coverage.append(len(found) / len(taskset.solutions[q]))
+        hits = [texts[q * n + j] for j in range(n) if rewards[q, j] > 0]
+        coverage.append(len({extract_answer(h) for h in hits}) / len(taskset.solutions[q]))
+        canonical = set(taskset.solutions[q])
+        correct, noncanonical = correct + len(hits), noncanonical + sum(h not in canonical for h in hits)
     # exact probability of every correct mode, teacher-forced
     flat_prompts = [p for p, sols in zip(taskset.prompt_ids, taskset.solutions) for _ in sols]
     flat_sols = [s for sols in taskset.solutions for s in sols]
     logprobs = sequence_logprobs(model, tokenizer, flat_prompts, flat_sols)
+    # the same pass@k and coverage without sampling noise: the chance of a correct answer is the summed probability of
+    # the correct modes (exact up to correct texts outside the canonical forms, whose sampled share is `noncanonical`)
+    tempered = logprobs if temperature == 1.0 else sequence_logprobs(model, tokenizer, flat_prompts, flat_sols,
+                                                                     temperature=temperature)
+    exact_k, exact_cov, start = {k: 0.0 for k in ks}, [], 0
+    for sols in taskset.solutions:
+        mode_probs = tempered[start:start + len(sols)].double().exp().tolist()
+        start += len(sols)
+        for k in ks:
+            exact_k[k] += exact_pass_at_k(sum(mode_probs), k) / len(taskset)
+        exact_cov.append(exact_coverage(mode_probs, n))
     oversharpened = 0.0
     if base_logprobs is not None:
         below = (logprobs < base_logprobs).float()
@@ -994,7 +1021,9 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
             start += len(sols)
     metrics = {"pass@1": pass_k[1], "pass@k": {str(k): v for k, v in pass_k.items()},
                "coverage": float(np.mean(coverage)), "oversharpened": oversharpened,
-               "entropy": ent_sum / max(ent_count, 1)}
+               "entropy": ent_sum / max(ent_count, 1),
+               "exact_pass@k": {str(k): v for k, v in exact_k.items()}, "exact_coverage": float(np.mean(exact_cov)),
+               "noncanonical": noncanonical / max(correct, 1)}
     return metrics, logprobs
 
 
@@ -1651,6 +1680,7 @@ def mean_ci(values: list[float]) -> dict:
 def _flat(m: dict) -> dict[str, float]:
     flat = {k: v for k, v in m.items() if not isinstance(v, dict)}
     flat.update({f"pass@{k}": v for k, v in m["pass@k"].items()})
+    flat.update({f"exact_pass@{k}": v for k, v in m.get("exact_pass@k", {}).items()})
     return flat
 
 
@@ -1725,7 +1755,8 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
 
 def results_table(results: dict) -> str:
     """The markdown table a reader wants: mean +- 95% CI over seeds, one row per method."""
-    cols = ["pass@1", "pass@8", "pass@64", "coverage", "oversharpened", "entropy"]
+    cols = ["exact_pass@1", "exact_pass@64", "exact_coverage", "pass@1", "pass@64", "coverage", "oversharpened",
+            "noncanonical"]
     seeds = results["seeds"]
     lines = [f"Mean +- 95% CI over {len(seeds)} seeds ({', '.join(map(str, seeds))}).", ""]
     for split in [k for k in results["summary"]["base"]]:
@@ -1746,6 +1777,13 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _exact(m: dict, key: str) -> float:
+    """pass@1 or coverage of one metrics record (nested or flat), exact when the record has it."""
+    if key == "pass@1":
+        return m["exact_pass@k"]["1"] if "exact_pass@k" in m else m.get("exact_pass@1", m["pass@1"])
+    return m.get("exact_coverage", m["coverage"])
+
+
 def plot_results(results: dict, out: Path) -> None:
     """pass@k vs k, and accuracy vs diversity over training; skipped quietly without matplotlib."""
     try:
@@ -1762,14 +1800,15 @@ def plot_results(results: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.6), squeeze=False)
     for ax, split in zip(axes[0], splits):
         for name, per_split in summary.items():
-            ks = sorted(int(k[5:]) for k in per_split[split] if k.startswith("pass@"))
-            mean = [per_split[split][f"pass@{k}"]["mean"] for k in ks]
-            ci = [per_split[split][f"pass@{k}"]["ci95"] for k in ks]
+            key = "exact_pass@" if "exact_pass@1" in per_split[split] else "pass@"  # summaries older than exact metrics
+            ks = sorted(int(k[len(key):]) for k in per_split[split] if k.startswith(key))
+            mean = [per_split[split][f"{key}{k}"]["mean"] for k in ks]
+            ci = [per_split[split][f"{key}{k}"]["ci95"] for k in ks]
             line, = ax.plot(ks, mean, marker="o", ms=3, label=name, ls="--" if name == "base" else "-",
                             **(style[name] if name in style else {"color": "k"}))
             ax.fill_between(ks, np.subtract(mean, ci), np.add(mean, ci), alpha=0.15, color=line.get_color())
         ax.set_xscale("log", base=2)
-        ax.set(title=f"{split} queries", xlabel="k", ylabel="pass@k")
+        ax.set(title=f"{split} queries", xlabel="k", ylabel="pass@k (exact)" if key == "exact_pass@" else "pass@k")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -1787,9 +1826,10 @@ def plot_results(results: dict, out: Path) -> None:
         records[0] = run["base"]  # every curve starts at the base
         for step, ev in records.items():
             c = curves.setdefault(method, {}).setdefault(step, [])
-            c.append((ev["train"]["pass@1"], ev[held]["coverage"], ev[held]["pass@1"], ev["train"]["coverage"]))
+            c.append((_exact(ev["train"], "pass@1"), _exact(ev[held], "coverage"), _exact(ev[held], "pass@1")))
     fig, axes = plt.subplots(1, 4, figsize=(19, 3.8))
-    b = results["summary"]["base"]
+    b = {split: {key: _exact({k: v["mean"] for k, v in m.items()}, key) for key in ("pass@1", "coverage")}
+         for split, m in results["summary"]["base"].items() if split in splits}
     for method, by_step in curves.items():
         steps = sorted(by_step)
         avg = np.array([np.mean(by_step[s], axis=0) for s in steps])
@@ -1797,10 +1837,10 @@ def plot_results(results: dict, out: Path) -> None:
         axes[1].plot(steps, avg[:, 1], marker="o", ms=3, **style[method])
         axes[2].plot(avg[:, 0], avg[:, 1], marker="o", ms=3, **style[method])
         axes[3].plot(avg[:, 0], avg[:, 2], marker="o", ms=3, **style[method])
-    axes[0].axhline(b["train"]["pass@1"]["mean"], color="k", ls="--", lw=1, label="base")
-    axes[1].axhline(b[held]["coverage"]["mean"], color="k", ls="--", lw=1)
+    axes[0].axhline(b["train"]["pass@1"], color="k", ls="--", lw=1, label="base")
+    axes[1].axhline(b[held]["coverage"], color="k", ls="--", lw=1)
     for ax, key in ((axes[2], "coverage"), (axes[3], "pass@1")):
-        ax.plot([b["train"]["pass@1"]["mean"]], [b[held][key]["mean"]], "k*", ms=10)
+        ax.plot([b["train"]["pass@1"]], [b[held][key]], "k*", ms=10)
     axes[0].set(xlabel="RL step", ylabel="train pass@1", title="accuracy over training")
     axes[1].set(xlabel="RL step", ylabel=f"{held} coverage", title="held-out diversity over training")
     axes[2].set(xlabel="train pass@1", ylabel=f"{held} coverage", title="diversity at matched accuracy (higher is better)")
@@ -2046,6 +2086,8 @@ def format_table(columns: dict[str, dict]) -> str:
     """Rows: metrics on train and test; columns: base and each trained method."""
     rows = [("pass@1", lambda m: m["pass@1"]), ("pass@8", lambda m: m["pass@k"].get("8", float("nan"))),
             ("pass@64", lambda m: m["pass@k"].get("64", float("nan"))), ("coverage", lambda m: m["coverage"]),
+            ("exact pass@64", lambda m: m["exact_pass@k"].get("64", float("nan"))),
+            ("exact coverage", lambda m: m["exact_coverage"]),
             ("oversharpened", lambda m: m["oversharpened"]), ("entropy", lambda m: m["entropy"])]
     names = list(columns)
     lines = [f"{'':22}" + "".join(f"{n:>12}" for n in names)]

@@ -116,6 +116,19 @@ def test_pass_at_k_matches_brute_force(n, c):
         assert rlvr.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
 
 
+def test_exact_pass_at_k_and_coverage_hand_computed():
+    assert rlvr.exact_pass_at_k(0.5, 1) == pytest.approx(0.5)
+    assert rlvr.exact_pass_at_k(0.5, 3) == pytest.approx(1 - 0.125)
+    assert rlvr.exact_pass_at_k(0.0, 64) == 0.0 and rlvr.exact_pass_at_k(1.0, 64) == 1.0
+    assert rlvr.exact_pass_at_k(1e-9, 64) == pytest.approx(64e-9, rel=1e-6)  # no cancellation for rare answers
+    # two modes at 0.5 and 0.1, three samples: expected share found = mean(1 - 0.5^3, 1 - 0.9^3)
+    assert rlvr.exact_coverage([0.5, 0.1], 3) == pytest.approx(((1 - 0.125) + (1 - 0.729)) / 2)
+    with pytest.raises(ValueError):
+        rlvr.exact_pass_at_k(1.5, 2)
+    with pytest.raises(ValueError):
+        rlvr.exact_pass_at_k(0.5, 0)
+
+
 def test_pass_at_k_rejects_impossible_arguments():
     with pytest.raises(ValueError):
         rlvr.pass_at_k(4, 1, 5)
@@ -203,6 +216,22 @@ def test_sequence_logprobs_sum_to_at_most_one(tokenizer, tiny_model):
     assert lp.shape == (len(sols),) and (lp < 0).all() and lp.exp().sum() < 1
 
 
+def test_exact_metrics_agree_with_sampled_estimates(tokenizer, warm_model):
+    """The exact pass@k and coverage are what the sampled estimators estimate: with many samples they meet."""
+    model, train = warm_model
+    n = 1024
+    for temperature in (1.0, 0.7):  # tempered: the exact values describe the distribution that is sampled, not pi
+        m, logprobs = rlvr.evaluate(model, tokenizer, train, n=n, temperature=temperature, max_new_tokens=8, seed=0)
+        p = m["exact_pass@k"]["1"]
+        # pass@1 is a mean of Bernoulli draws: within 4 standard errors of the exact value
+        assert abs(m["pass@1"] - p) < 4 * math.sqrt(p * (1 - p) / (n * len(train))), temperature
+        for k in ("8", "64"):  # a few queries with rare answers: the estimates of large-k pass@k are noisier
+            assert m["exact_pass@k"][k] == pytest.approx(m["pass@k"][k], abs=0.08), (temperature, k)
+        assert m["exact_coverage"] == pytest.approx(m["coverage"], abs=0.05)
+        assert 0 <= m["noncanonical"] < 0.05  # correct texts outside the enumerated forms: what the exact sums miss
+    assert m["exact_pass@k"]["1"] != pytest.approx(logprobs.exp().sum().item() / len(train), rel=0.01)
+
+
 # ---------------------------------------------------------------- RL step and end to end
 @pytest.fixture(scope="session")
 def warm_model(task_dir, tokenizer):
@@ -235,7 +264,9 @@ def test_end_to_end_writes_summary(tmp_path, task_dir):
     for stage in ("base", "final"):
         for split in ("train", "test"):
             m = on_disk[stage][split]
-            assert set(m) >= {"pass@1", "pass@k", "coverage", "oversharpened", "entropy"}
+            assert set(m) >= {"pass@1", "pass@k", "coverage", "oversharpened", "entropy", "exact_pass@k",
+                              "exact_coverage", "noncanonical"}
+            assert list(m["exact_pass@k"]) == list(m["pass@k"])
             assert list(m["pass@k"]) == ["1", "2", "4", "8"]
             ks = list(m["pass@k"].values())
             assert all(0 <= v <= 1 for v in ks) and ks == sorted(ks)  # pass@k never falls with k
