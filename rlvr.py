@@ -9,9 +9,11 @@ What it does
      one batched KV-cache decode, score them with exact verifiers (reward 1 or 0), turn rewards
      into per-group advantages, and take one PPO-clip step.
   3. Evaluation: n samples per query on train and held-out test queries; pass@k for k = 1..n,
-     coverage (distinct correct completions found / all correct completions), and the exact
-     over-sharpened fraction: every correct completion of a toy query is enumerable, so we can
-     teacher-force each one and check whether its probability fell below the base policy's.
+     coverage (distinct correct completions found / all correct completions), and the same two
+     computed exactly: every correct completion of a toy query is enumerable, so we teacher-force
+     each one, and the policy's chance of answering correctly is their summed probability p, its
+     pass@k is 1 - (1 - p)^k, and whether each one's probability fell below the base policy's is
+     the exact over-sharpened fraction. No sampling noise in these: seeds differ only by training.
 
 Over-sharpening (arXiv 2601.15609): with a finite group, only the correct completions that were
 *sampled* get a positive advantage; the correct ones that were not sampled lose mass through the
@@ -116,9 +118,9 @@ class Config:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and evaluation"})
     max_new_tokens: int = field(default=8, metadata={"help": "longest completion, EOS included"})
     # the paper's calibrations (used when --method names them)
-    iac_alpha: float = field(default=1.0, metadata={"help": "IAC exponent: positive advantages x (G - #correct)^alpha (paper: 1)"})
+    iac_alpha: float = field(default=0.5, metadata={"help": "IAC exponent: positive advantages x (G - #correct)^alpha (paper: 1; 0.5 with mu 1.2 won on validation)"})
     iac_renorm: bool = field(default=False, metadata={"help": "rescale IAC advantages to the batch's original mean |A| (off: the paper shows none)"})
-    dlc_mu: float = field(default=0.9, metadata={"help": "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy)"})
+    dlc_mu: float = field(default=1.2, metadata={"help": "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy; 1.2 chosen on validation)"})
     dlc_min_p: float = field(default=0.05, metadata={"help": "DLC calibrates only tokens with pi >= min_p * max pi (0 = all; the memory would boost junk it never saw)"})
     dlc_is_cap: float = field(default=0.0, metadata={"help": "truncated importance weight pi/q <= cap for DLC samples (0 = none: a decoupled sampler, so modes the policy would not sample keep their credit)"})
     mem_width: int = field(default=64, metadata={"help": "memory network hidden width"})
@@ -2057,7 +2059,7 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Scaling out: IAC as an advantage estimator of verl (multi-GPU RLVR)
 # ----------------------------------------------------------------------------------------------
-def register_verl_iac(name: str = "grpo_iac", alpha: float = 1.0):
+def register_verl_iac(name: str = "grpo_iac", alpha: float = Config.iac_alpha):
     """Register IAC on top of verl's GRPO estimator as verl advantage estimator `name` (algorithm.adv_estimator=name).
 
     verl hands over token-level rewards [bs, T], the response mask and a uid per sample; GRPO's advantage is one
