@@ -101,9 +101,18 @@ def test_committed_task_files_are_the_generator_output(tmp_path):
     for split in ("train", "val", "test"):
         assert (tmp_path / f"{split}.jsonl").read_text() == (rlvr.HERE / "toy_tasks" / f"{split}.jsonl").read_text()
     prompts = {s: {t["prompt"] for t in rlvr.load_tasks(tmp_path, s)} for s in ("train", "val", "test")}
-    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"]
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"] and not prompts["val"] & prompts["test"]
     for t in rlvr.load_tasks(tmp_path, "train"):
         assert t["num_solutions"] == len(rlvr.enumerate_solutions(t)) >= 3
+
+
+def test_validation_size_never_moves_train_or_test(tmp_path):
+    rlvr.make_tasks(tmp_path, seed=0, countdown=(48, 40, 48))
+    assert len(rlvr.load_tasks(tmp_path, "val")) == 44 < len(rlvr.load_tasks(rlvr.HERE / "toy_tasks", "val"))
+    for split in ("train", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_text() == (rlvr.HERE / "toy_tasks" / f"{split}.jsonl").read_text()
+    small = (tmp_path / "val.jsonl").read_text().splitlines()
+    assert (rlvr.HERE / "toy_tasks" / "val.jsonl").read_text().splitlines()[:len(small)] == small
 
 
 # ---------------------------------------------------------------- pass@k and advantages
