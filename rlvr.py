@@ -1724,6 +1724,8 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
         with mp.get_context("spawn").Pool(jobs) as pool:  # spawn: no forked torch thread pools
             list(pool.imap_unordered(_run_one, bases))  # warm-start each seed's base once, before the runs share it
             list(tqdm(pool.imap_unordered(_run_one, work), total=len(work), desc="compare"))
+            pool.close()  # let the workers exit on their own: leaving the block would terminate() them mid-shutdown
+            pool.join()
     else:
         for job in bases + work:
             _run_one(job)
