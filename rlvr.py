@@ -414,13 +414,13 @@ def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] =
                 task["num_solutions"] = n
                 pool.append(task)
     rng.shuffle(pool)
-    # validation: the first 40 queries after train, then any further ones after the test block, so that
+    # validation: up to 40 queries between train and test, any further ones after the test block, so that
     # the size of the validation split (which only tunes settings) never moves a train or test query
     n_train, n_val, n_test = countdown
     first_val = min(n_val, 40)
-    test_start = n_train + first_val
+    test_start = n_train + 40
     splits["train"] += pool[:n_train]
-    splits["val"] += pool[n_train:test_start] + pool[test_start + n_test:test_start + n_test + n_val - first_val]
+    splits["val"] += pool[n_train:n_train + first_val] + pool[test_start + n_test:test_start + n_test + n_val - first_val]
     splits["test"] += pool[test_start:test_start + n_test]
     # word problems for real language models (--model), in their own folder: toy_tasks/word_problems
     words = make_word_problems(rng, 100)

@@ -106,9 +106,10 @@ def test_committed_task_files_are_the_generator_output(tmp_path):
         assert t["num_solutions"] == len(rlvr.enumerate_solutions(t)) >= 3
 
 
-def test_validation_size_never_moves_train_or_test(tmp_path):
-    rlvr.make_tasks(tmp_path, seed=0, countdown=(48, 40, 48))
-    assert len(rlvr.load_tasks(tmp_path, "val")) == 44 < len(rlvr.load_tasks(rlvr.HERE / "toy_tasks", "val"))
+@pytest.mark.parametrize("n_val", [40, 10])
+def test_validation_size_never_moves_train_or_test(tmp_path, n_val):
+    rlvr.make_tasks(tmp_path, seed=0, countdown=(48, n_val, 48))
+    assert len(rlvr.load_tasks(tmp_path, "val")) == 4 + n_val < len(rlvr.load_tasks(rlvr.HERE / "toy_tasks", "val"))
     for split in ("train", "test"):
         assert (tmp_path / f"{split}.jsonl").read_text() == (rlvr.HERE / "toy_tasks" / f"{split}.jsonl").read_text()
     small = (tmp_path / "val.jsonl").read_text().splitlines()
