@@ -215,10 +215,10 @@ def build_policy(cfg: Config, tokenizer) -> GPT2LMHeadModel:
 
 
 def load_policy(path: str | Path, device: torch.device, attn_implementation: str | None = None):
-    """Any causal LM: bf16 weights on CUDA (half the memory, the math that GPUs are fast at), fp32 on CPU.
+    """Any causal LM, with fp32 weights on every device: they are the master weights the optimiser updates (a bf16
+    weight cannot hold a step of lr 1e-6: most such steps round to nothing). Speed on GPUs comes from `autocast`.
     attn_implementation: TINY_ATTENTION for the built-in policy (not stored in its config.json)."""
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    kwargs = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}  # renamed in v5
+    kwargs = {"dtype": torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
@@ -244,9 +244,16 @@ def format_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype of the forward passes: bf16 on GPUs that support it (Ampere and newer), else fp32 (None). Weights,
+    gradients and optimiser state stay fp32 (mixed precision). fp32 on a T4: fp16 would need loss scaling."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (log-softmax stays in fp32, see .float() calls); exact fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    """bf16 autocast where `amp_dtype` says so (log-softmax stays in fp32, see .float() calls); exact fp32 elsewhere."""
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _cache_kwarg(model) -> str:
@@ -552,11 +559,14 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            generator: torch.Generator | None = None, with_entropy: bool = False, memory=None, mu: float = 0.0,
-           min_p: float = 0.0, stop_at_eos: bool = True) -> Rollouts:
+           min_p: float = 0.0, stop_at_eos: bool = True, batch_rows: tuple[int, int] | None = None) -> Rollouts:
     """Sample one completion per prompt (repeat a prompt G times for a group), batched, KV cache, stop at EOS.
 
     With a `memory` network, each token comes from the DLC-calibrated distribution
     softmax(log pi(.|h) - mu * log m(.|h)) (see `dlc_calibrate`); entropy is always the plain policy's.
+    batch_rows = (first row, rows of the whole batch): these prompts are a chunk of a larger batch. The noise is
+    drawn for the whole batch and this chunk keeps its rows, so with a generator seeded alike, each row gets the
+    same sample however the batch is split (micro-batches and out-of-memory retries change memory use only).
     """
     device = next(model.parameters()).device
     training = model.training
@@ -564,13 +574,13 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     try:
         with autocast(device):
             return _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu,
-                           min_p, stop_at_eos)
+                           min_p, stop_at_eos, batch_rows or (0, len(prompt_ids)))
     finally:
         model.train(training)
 
 
 def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu, min_p,
-            stop_at_eos) -> Rollouts:
+            stop_at_eos, batch_rows) -> Rollouts:
     device = next(model.parameters()).device
     base, head, cache_kw = model.base_model, model.get_output_embeddings(), _cache_kwarg(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -600,7 +610,9 @@ def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator
     for t in range(max_new_tokens):
         logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # [B, V]
         logq = logp if memory is None else dlc_calibrate(logp, memory(hidden), mu, min_p)  # the sampling distribution
-        gumbel = -torch.log(-torch.log(torch.rand(logq.shape, generator=generator, device=device)))
+        first, total = batch_rows
+        uniform = torch.rand((total, logq.shape[1]), generator=generator, device=device)[first:first + B]
+        gumbel = -torch.log(-torch.log(uniform))
         tok = (logq + gumbel).argmax(dim=-1)  # Gumbel-max: an exact sample from softmax(logq), cheaper than multinomial
         sample_logp[:, t] = logq.gather(1, tok[:, None]).squeeze(1)
         if with_entropy:
@@ -762,11 +774,14 @@ def count_bonus_rewards(rewards: torch.Tensor, counts: torch.Tensor, c_ucb: floa
     return torch.where(rewards > 0, rewards + bonus, rewards)
 
 
-def count_outcomes(counts: dict, keys: list[tuple[str, str]]) -> list[int]:
-    """Add this batch's (query id, completion) pairs to the running counts; return N for each, this batch included."""
+def count_outcomes(counts: dict, keys: list[tuple[str, str]]) -> tuple[list[int], dict]:
+    """N(q, o) for each of this batch's (query id, completion) pairs, this batch included, and the updated counts.
+    `counts` itself is left alone: the step commits the update once it has succeeded (an out-of-memory redo
+    must not count the same rollouts twice)."""
+    updated: dict = {}
     for key in keys:
-        counts[key] = counts.get(key, 0) + 1
-    return [counts[key] for key in keys]
+        updated[key] = updated.get(key, counts.get(key, 0)) + 1
+    return [updated[key] for key in keys], updated
 
 
 def fgrpo_scale(advantages: torch.Tensor, rewards: torch.Tensor, gamma: float = 0.5) -> torch.Tensor:
@@ -781,18 +796,22 @@ ADVANTAGES = {"grpo": grpo_advantages, "drgrpo": drgrpo_advantages, "rloo": rloo
 
 def inverse_success_calibration(advantages: torch.Tensor, rewards: torch.Tensor, alpha: float = 1.0,
                                 renorm: bool = False) -> torch.Tensor:
-    """IAC (arXiv 2601.15609): multiply each group's *positive* advantages by (G - |S+|)^alpha; negatives unchanged.
+    """IAC (arXiv 2601.15609): multiply each group's success advantages by (G - |S+|)^alpha; failures unchanged.
 
     The factor is the group's number of failures. A hard query (1 of 8 correct) gets its rare success
     amplified x7; an easy one (7 of 8 correct) x1, so the dominant mode of easy queries, whose push
     would spread to other queries through shared parameters, is no longer what drives the update.
     Example, G = 4, rewards [1, 0, 0, 0]: GRPO gives [1.5, -0.5, -0.5, -0.5], IAC [4.5, -0.5, -0.5, -0.5].
     advantages, rewards: [num_queries, G]. All-correct and all-wrong groups stay exactly 0.
+    Project's choice, which samples are "positive": the verified-correct ones (rewards > 0). With 0/1 rewards they
+    are exactly the positive advantages of the paper's wording; after reward shaping (unlikely, count) an
+    all-correct group has z-scores of both signs, and scaling only the positive ones by 0 failures would push a
+    solved query's likely answers down with nothing pushed up. Scaling the correct ones keeps that group at 0.
     renorm: rescale the batch so its mean |A| is unchanged (the paper shows none, hence off by default).
     """
     group_size = rewards.shape[1]
     failures = group_size - (rewards > 0).sum(dim=1, keepdim=True)
-    calibrated = torch.where(advantages > 0, advantages * failures.to(advantages.dtype) ** alpha, advantages)
+    calibrated = torch.where(rewards > 0, advantages * failures.to(advantages.dtype) ** alpha, advantages)
     if renorm and calibrated.abs().sum() > 0:
         calibrated = calibrated * (advantages.abs().sum() / calibrated.abs().sum())
     return calibrated
@@ -808,13 +827,13 @@ def group_index(group_ids) -> torch.Tensor:
 def inverse_success_calibration_flat(advantages: torch.Tensor, rewards: torch.Tensor, group_ids, alpha: float = 1.0) -> torch.Tensor:
     """IAC on flat [N] tensors plus a group label per sample (the layout of verl and TRL; groups may differ in size).
 
-    Same rule as `inverse_success_calibration`: positive advantages x (group size - group's correct count)^alpha.
+    Same rule as `inverse_success_calibration`: correct samples' advantages x (group size - group's correct count)^alpha.
     """
     ids = group_index(group_ids).to(advantages.device)
     size = torch.bincount(ids).to(advantages.dtype)
     correct = torch.bincount(ids, weights=(rewards > 0).to(advantages.dtype))
     failures = (size - correct)[ids]
-    return torch.where(advantages > 0, advantages * failures ** alpha, advantages)
+    return torch.where(rewards > 0, advantages * failures ** alpha, advantages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -840,20 +859,34 @@ class MemoryNetwork(torch.nn.Module):
 
 
 def dlc_calibrate(policy_logp: torch.Tensor, memory_logp: torch.Tensor, mu: float, min_p: float = 0.0) -> torch.Tensor:
-    """DLC (arXiv 2601.15609): sample from softmax(z_policy - mu * z_memory), both as log-softmax.
+    """DLC (arXiv 2601.15609): sample from softmax(z_policy - mu * z_memory), both as log-softmax; returns log q.
 
     Tokens the policy has produced often (high memory log-prob) are pushed down, rarely visited but
     valid ones up, so a finite group reaches more of the correct modes and each receives positive credit:
     the sampling bias that makes GRPO over-sharpen shrinks. With mu = 0 this is exactly the policy.
-    Project's choice, min_p: only tokens with pi >= min_p * max pi are calibrated; the rest keep the policy's
-    logit. The memory has never seen the tokens the policy rules out, so an uncalibrated -mu * z_memory
-    would boost exactly those (junk characters) and break the answer format instead of finding new answers.
+    Project's choice, min_p: only the plausible tokens (pi >= min_p * max pi) are calibrated, and among them only
+    the *shares* move: q keeps the policy's total mass on the plausible set, and every other token keeps its own
+    pi. The memory has never seen the tokens the policy rules out, so calibrating them would boost junk; and
+    re-normalising over all tokens would silently cut their mass (a hidden min-p truncation GRPO never gets).
+    So a uniform (untrained) memory gives q = pi exactly, at any min_p.
+    What it converges to: the memory learns from samples of q, and if it tracked q exactly, q = pi * q^-mu on the
+    plausible set has the fixed point q ~ pi^(1/(1+mu)): at equilibrium DLC is a temperature of 1 + mu there
+    (for mu > 1 an exact tracker would overshoot; the lagging memory swings around the fixed point instead).
+    We keep the paper's "trained on what was already sampled", i.e. on q, not on samples of pi. What sets DLC
+    apart from a temperature is the memory's lag (a window of recent steps) and that one memory serves every query.
+    policy_logp, memory_logp: [B, V].
     """
-    penalty = mu * memory_logp
     if min_p > 0:
         plausible = policy_logp >= policy_logp.max(dim=-1, keepdim=True).values + math.log(min_p)
-        penalty = torch.where(plausible, penalty, penalty.new_zeros(()))
-    return torch.log_softmax(policy_logp - penalty, dim=-1)
+    else:
+        plausible = torch.ones_like(policy_logp, dtype=torch.bool)
+    penalty = torch.where(plausible, mu * memory_logp, -math.inf)
+    penalty = torch.where(plausible, penalty - penalty.max(dim=-1, keepdim=True).values, 0.0)  # exactly 0 when uniform
+    inside = torch.where(plausible, policy_logp - penalty, -math.inf)
+    # renormalise the calibrated plausible tokens to the policy's own plausible mass (exactly 0 shift when uniform)
+    plausible_mass = torch.logsumexp(torch.where(plausible, policy_logp, -math.inf), -1, keepdim=True)
+    shift = plausible_mass - torch.logsumexp(inside, -1, keepdim=True)
+    return torch.where(plausible, inside + shift, policy_logp)
 
 
 class Memory:
@@ -884,6 +917,11 @@ class Memory:
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "window": self.window}
 
+    def snapshot(self) -> dict:
+        """A copy of the state to roll back to (window tensors are never changed in place, so they are shared)."""
+        return {"net": copy.deepcopy(self.net.state_dict()), "opt": copy.deepcopy(self.opt.state_dict()),
+                "window": list(self.window)}
+
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
@@ -902,6 +940,10 @@ MODIFIERS = {
 }
 
 
+# estimators that read only whether a sample is correct: a reward shaping would change nothing, so it is refused
+BINARY_ESTIMATORS, SHAPINGS = {"passk", "wreinforce"}, {"unlikely", "count"}
+
+
 def parse_method(method: str) -> tuple[str, set[str]]:
     """'iac+dlc' -> ('grpo', {'iac', 'dlc'}); 'rloo+entropy' -> ('rloo', {'entropy'}). The estimator defaults to GRPO."""
     parts = [p.strip() for p in method.lower().split("+") if p.strip()]
@@ -910,7 +952,11 @@ def parse_method(method: str) -> tuple[str, set[str]]:
     if unknown or len(bases) > 1 or not parts or len(set(parts)) < len(parts):
         raise ValueError(f"unknown method {method!r}: at most one of {'/'.join(ADVANTAGES)} joined by '+' with any of "
                          f"{'/'.join(MODIFIERS)}, e.g. 'grpo', 'iac+dlc', 'rloo+iac'")
-    return (bases[0] if bases else "grpo"), set(parts) - set(bases)
+    estimator = bases[0] if bases else "grpo"
+    if estimator in BINARY_ESTIMATORS and SHAPINGS & set(parts):
+        raise ValueError(f"method {method!r}: {estimator} reads only whether a sample is correct, so "
+                         f"{'+'.join(sorted(SHAPINGS & set(parts)))} would change nothing; use it with grpo, drgrpo or rloo")
+    return estimator, set(parts) - set(bases)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1153,6 +1199,8 @@ def slice_rollouts(r: Rollouts, i: int, j: int) -> Rollouts:
 
 def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
     """Join micro-batches of rollouts, left-padding prompts to the widest one."""
+    if len(parts) == 1:
+        return parts[0]
     P = max(r.prompt_len for r in parts)
     ids, att = [], []
     for r in parts:
@@ -1165,74 +1213,94 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
                     cat([r.entropy for r in parts]), cat([r.sample_logp for r in parts]))
 
 
-def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator,
-            base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> dict:
-    """One RL step; on CUDA out-of-memory, retry it from the same RNG state with micro-batches half the size."""
-    rng_state = gen.get_state()
-    while True:
-        try:
-            return _rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory, outcome_counts)
-        except torch.OutOfMemoryError:
-            batch = len(queries) * cfg.group_size
-            if (cfg.micro_batch or batch) <= 1:
-                raise
-            cfg.micro_batch = max(1, (cfg.micro_batch or batch) // 2)
-            print(f"rlvr.py: out of GPU memory; retrying the step with --micro-batch {cfg.micro_batch}", file=sys.stderr)
-            opt.zero_grad(set_to_none=True)
-            gen.set_state(rng_state)
-            torch.cuda.empty_cache()
+@dataclass
+class Batch:
+    """One step's rollouts and everything the update needs, all computed before any weight moves."""
+    rollouts: Rollouts
+    spans: list[tuple[int, int]]     # micro-batches: [start, end) rows, each a forward/backward of its own
+    rewards: torch.Tensor            # [Q, G] verifier rewards
+    advantages: torch.Tensor         # [B]
+    old_logp: torch.Tensor           # [B, T] log-probs of the sampling policy (tempered), detached
+    hidden: torch.Tensor             # [B, T, H] the policy's states at completion positions (the memory's inputs)
+    ref_logp: torch.Tensor | None    # [B, T] the base's log-probs, for the KL penalty
+    weights: torch.Tensor | None     # [B, T] truncated pi/q importance weights of DLC samples
+    distinct_correct: int            # distinct (query, answer) pairs among the correct rollouts
+    outcome_counts: dict             # the outcome counts with this batch added, committed once the step succeeds
+    graph: tuple | None = None       # (logp, entropy) with their autograd graph, when one forward covered the batch
 
 
-def _rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator,
-             base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> dict:
-    """One RL step on `queries`: sample groups, verify, advantages, PPO-clip update(s). Returns logged stats."""
+def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries: list[int], noise_seed: int,
+                     base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> Batch:
+    """Sample a group per query, verify, and turn rewards into advantages; no weight moves here."""
     device = next(policy.parameters()).device
-    estimator, parts = parse_method(cfg.method)
-    G = cfg.group_size
+    _, parts = parse_method(cfg.method)
+    G, T = cfg.group_size, cfg.temperature
     B = len(queries) * G
     micro = cfg.micro_batch or B
     spans = [(i, min(i + micro, B)) for i in range(0, B, micro)]
-    # 1. sample a group of completions for each query, all in one batch (DLC: from the calibrated distribution)
+    # 1. sample a group of completions per query (DLC: from the calibrated distribution), one chunk per micro-batch,
+    #    every chunk seeded alike: a row's sample depends on (seed, step, row), not on the split
     tasks = [train_set.tasks[q] for q in queries for _ in range(G)]
     prompts = [train_set.prompt_ids[q] for q in queries for _ in range(G)]
-    mem = memory if "dlc" in parts else None
-    rollouts = concat_rollouts([sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, cfg.temperature, gen,
-                                       memory=mem, mu=cfg.dlc_mu, min_p=cfg.dlc_min_p) for i, j in spans], tokenizer.pad_token_id)
+    chunks = [sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, T,
+                     torch.Generator(device=device).manual_seed(noise_seed), memory=memory if "dlc" in parts else None,
+                     mu=cfg.dlc_mu, min_p=cfg.dlc_min_p, batch_rows=(i, B)) for i, j in spans]
+    rollouts = concat_rollouts(chunks, tokenizer.pad_token_id)
     mask = rollouts.completion_mask
-    # 2. log-probs of what was sampled (the unlikeliness reward needs them before the advantages). One batch:
-    #    keep this forward's graph for the update. Micro-batches: no graph now, one forward per micro-batch later.
+    # 2. log-probs of what was sampled, at the sampling temperature (the distribution the samples came from).
+    #    One batch: keep this forward's graph for the update. Micro-batches: one forward per micro-batch later.
     with torch.set_grad_enabled(len(spans) == 1):
-        first = [completion_logprobs(policy, slice_rollouts(rollouts, i, j), with_entropy=True) for i, j in spans]
-    old_logp = torch.cat([f[0] for f in first]).detach()
-    hidden = torch.cat([f[2] for f in first]).detach()
+        first = [completion_logprobs(policy, slice_rollouts(rollouts, i, j), with_entropy=True, temperature=T)
+                 for i, j in spans]
+    old_logp = torch.cat([logp for logp, _, _ in first]).detach()
+    hidden = torch.cat([h for _, _, h in first]).detach()
     # 3. verify, then turn rewards into advantages one group at a time
     rewards = rewards_for(tasks, rollouts).view(len(queries), G)
-    counts = None
+    answers = [(t["id"], extract_answer(x)) for t, x in zip(tasks, rollouts.texts)]
+    counts, new_counts = None, {}
     if "count" in parts:
-        counts = torch.tensor(count_outcomes(outcome_counts, [(t["id"], extract_answer(x)) for t, x in zip(tasks, rollouts.texts)]),
-                              dtype=torch.float32).view(len(queries), G)
+        ns, new_counts = count_outcomes(outcome_counts, answers)
+        counts = torch.tensor(ns, dtype=torch.float32).view(len(queries), G)
     seq_logp = (old_logp * mask).sum(1).cpu().view(len(queries), G)
     advantages = compute_advantages(cfg, rewards, seq_logp, counts).view(-1).to(device)
-    # 4. PPO-clip update(s); with one epoch we are on-policy: old log-probs = detached current ones, ratio = 1
     ref_logp = weights = None
     if "kl" in parts:
         with torch.no_grad():
-            ref_logp = torch.cat([completion_logprobs(base, slice_rollouts(rollouts, i, j))[0] for i, j in spans])
+            ref_logp = torch.cat([completion_logprobs(base, slice_rollouts(rollouts, i, j), temperature=T)[0]
+                                  for i, j in spans])
     if "dlc" in parts and cfg.dlc_is_cap > 0:  # optional correction for sampling from q instead of pi
         weights = torch.exp(old_logp - rollouts.sample_logp).clamp(max=cfg.dlc_is_cap)
-    denom = B * cfg.max_new_tokens if estimator == "drgrpo" else float(mask.sum().clamp(min=1))
-    skipped = 0
+    correct = {a for a, r in zip(answers, rewards.view(-1).tolist()) if r > 0}
+    return Batch(rollouts, spans, rewards, advantages, old_logp, hidden, ref_logp, weights, len(correct), new_counts,
+                 graph=first[0][:2] if len(spans) == 1 else None)
+
+
+def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
+    """PPO-clip update(s) on one batch, accumulating gradients over its micro-batches. Returns logged stats."""
+    estimator, parts = parse_method(cfg.method)
+    mask = batch.rollouts.completion_mask
+    n_tokens = float(mask.sum().clamp(min=1))
+    denom = len(mask) * cfg.max_new_tokens if estimator == "drgrpo" else n_tokens  # the whole batch's normaliser
+    skipped, clip_frac, kl = 0, 0.0, 0.0
     for epoch in range(cfg.ppo_epochs):
         opt.zero_grad(set_to_none=True)
-        loss, stats, entropy_sum = 0.0, {}, 0.0
-        for i, j in spans:
-            logp, entropy, _ = first[0] if (epoch == 0 and len(spans) == 1) else completion_logprobs(
-                policy, slice_rollouts(rollouts, i, j), with_entropy=True)
-            part_loss, stats = ppo_clip_loss(
-                logp, old_logp[i:j], advantages[i:j], mask[i:j], cfg.clip_eps, cfg.clip_eps_high if "cliphigher" in parts else None,
-                _rows(ref_logp, i, j), cfg.kl_coef, entropy, cfg.entropy_coef if "entropy" in parts else 0.0, _rows(weights, i, j), norm=denom)
+        loss, entropy_sum = 0.0, 0.0
+        for i, j in batch.spans:
+            if epoch == 0 and batch.graph is not None:  # on-policy: the forward that gave old_logp serves the loss
+                logp, entropy = batch.graph
+            else:
+                logp, entropy, _ = completion_logprobs(policy, slice_rollouts(batch.rollouts, i, j), with_entropy=True,
+                                                       temperature=cfg.temperature)
+            part_loss, metrics = ppo_clip_loss(
+                logp, batch.old_logp[i:j], batch.advantages[i:j], mask[i:j], clip_eps=cfg.clip_eps,
+                clip_eps_high=cfg.clip_eps_high if "cliphigher" in parts else None, ref_logp=_rows(batch.ref_logp, i, j),
+                kl_coef=cfg.kl_coef, entropy=entropy, entropy_coef=cfg.entropy_coef if "entropy" in parts else 0.0,
+                weights=_rows(batch.weights, i, j), norm=denom)
             part_loss.backward()
             loss += part_loss.item()
+            part_tokens = float(mask[i:j].sum())  # metrics are means over their tokens: weight them back to sums
+            clip_frac += metrics["clip_frac"] * part_tokens
+            kl += metrics.get("kl", 0.0) * part_tokens
             entropy_sum += (entropy.detach() * mask[i:j]).sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):  # never let a NaN into the weights
@@ -1241,13 +1309,64 @@ def _rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: l
             skipped += 1
             continue
         opt.step()
-    # 5. DLC: the memory learns what was just sampled, so the next groups are steered away from it
-    if memory is not None:
-        stats["memory_loss"] = memory.update(hidden, rollouts.completion_ids, mask)
-    return {"reward": rewards.mean().item(), "loss": loss, "grad_norm": grad_norm.item(),
-            "entropy": entropy_sum / float(mask.sum().clamp(min=1)),
-            "distinct_correct": len({(t["id"], extract_answer(x)) for t, x, r in zip(tasks, rollouts.texts, rewards.view(-1).tolist()) if r > 0}),
-            "tokens": int(mask.sum()), "skipped_updates": skipped, **stats}
+    stats = {"loss": loss, "grad_norm": grad_norm.item(), "entropy": entropy_sum / n_tokens, "skipped_updates": skipped,
+             "clip_frac": clip_frac / (n_tokens * cfg.ppo_epochs)}  # over every micro-batch of every epoch
+    if batch.ref_logp is not None:
+        stats["kl"] = kl / (n_tokens * cfg.ppo_epochs)
+    return stats
+
+
+def _cpu_copy(obj):
+    """A deep copy with every tensor on the CPU (a snapshot that costs no accelerator memory)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator,
+            base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> dict:
+    """One RL step: collect rollouts, let the memory learn them (DLC), update the policy, commit outcome counts.
+
+    On CUDA out-of-memory the step is redone with micro-batches half the size, from the state it started in: the
+    sampler's generator, the memory (net, optimiser, window), the outcome counts and, with several PPO epochs (where
+    a later epoch can fail after an earlier one stepped), the policy and its optimiser. Same rollouts, same update.
+    """
+    gen_state = gen.get_state()
+    memory_state = memory.snapshot() if memory is not None else None
+    policy_state = (_cpu_copy(policy.state_dict()), _cpu_copy(opt.state_dict())) if cfg.ppo_epochs > 1 else None
+    while True:
+        try:
+            noise_seed = int(torch.randint(2**62, (1,), generator=gen, device=gen.device))
+            batch = collect_rollouts(cfg, policy, tokenizer, train_set, queries, noise_seed, base=base, memory=memory,
+                                     outcome_counts=outcome_counts)
+            stats = {}
+            if memory is not None:  # it learns this batch's states, taken before the update, so the order is free
+                stats["memory_loss"] = memory.update(batch.hidden, batch.rollouts.completion_ids, batch.rollouts.completion_mask)
+            stats |= update_policy(cfg, policy, opt, batch)
+            if outcome_counts is not None:
+                outcome_counts.update(batch.outcome_counts)
+            return {"reward": batch.rewards.mean().item(), "distinct_correct": batch.distinct_correct,
+                    "tokens": int(batch.rollouts.completion_mask.sum()), **stats}
+        except torch.OutOfMemoryError:
+            size = len(queries) * cfg.group_size
+            if (cfg.micro_batch or size) <= 1:
+                raise
+            cfg.micro_batch = max(1, (cfg.micro_batch or size) // 2)
+            print(f"rlvr.py: out of GPU memory; redoing the step with --micro-batch {cfg.micro_batch}", file=sys.stderr)
+            batch = None
+            opt.zero_grad(set_to_none=True)
+            gen.set_state(gen_state)
+            if memory is not None:
+                memory.load_state_dict(copy.deepcopy(memory_state))
+            if policy_state is not None:
+                policy.load_state_dict(policy_state[0])
+                opt.load_state_dict(copy.deepcopy(policy_state[1]))  # on the CPU, loading would alias the snapshot
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def validate_config(cfg: Config) -> None:
@@ -1266,7 +1385,8 @@ def validate_config(cfg: Config) -> None:
         (0 < cfg.clip_eps < 1 and cfg.clip_eps_high > 0, "--clip-eps must be in (0, 1) and --clip-eps-high positive"),
         (cfg.ppo_epochs >= 1 and cfg.ws_steps >= 0 and cfg.ws_batch >= 1, "--ppo-epochs and --ws-batch must be >= 1, --ws-steps >= 0"),
         (cfg.iac_alpha >= 0 and cfg.kl_coef >= 0 and cfg.entropy_coef >= 0, "--iac-alpha, --kl-coef and --entropy-coef must be >= 0"),
-        (cfg.mem_window >= 1 and cfg.mem_steps >= 0 and cfg.mem_width >= 1, "--mem-window and --mem-width must be >= 1, --mem-steps >= 0"),
+        (cfg.mem_window >= 1 and cfg.mem_steps >= 1 and cfg.mem_width >= 1,
+         "--mem-window, --mem-steps and --mem-width must be >= 1 (with 0 memory steps DLC would sample the plain policy)"),
         (cfg.eval_split in ("val", "test"), f"--eval-split must be val or test, got {cfg.eval_split!r}"),
         (cfg.micro_batch >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0 and cfg.threads >= 0,
          "--micro-batch, --eval-every, --save-every and --threads must be >= 0"),

@@ -397,8 +397,9 @@ def test_reward_shaping_hand_computed():
     counts = torch.tensor([[1.0, 4, 9, 1], [1, 1, 1, 1]])
     assert torch.allclose(rlvr.count_bonus_rewards(r, counts, c_ucb=0.5), torch.tensor([[1.5, 1.25, 1 + 0.5 / 3, 0], [1.5, 1.5, 0, 0]]))
     seen = {}
-    assert rlvr.count_outcomes(seen, [("q", "a"), ("q", "a"), ("q", "b")]) == [2, 2, 1]
-    assert rlvr.count_outcomes(seen, [("q", "a")]) == [3]
+    ns, updated = rlvr.count_outcomes(seen, [("q", "a"), ("q", "a"), ("q", "b")])
+    assert ns == [2, 2, 1] and seen == {}  # the caller commits the update once the step has succeeded
+    assert rlvr.count_outcomes(updated, [("q", "a")]) == ([3], {("q", "a"): 3})
 
 
 def _loop_reference(name, rewards, **kw):
@@ -473,6 +474,223 @@ def test_every_method_runs_one_step(method, tmp_path, task_dir, tokenizer, warm_
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     if "kl" in method:
         assert stats["kl"] >= 0
+
+
+# ---------------------------------------------------------------- invariants: what the sampler, precision and update keep
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.3])
+def test_dlc_with_an_untrained_memory_samples_exactly_the_plain_policy(tokenizer, warm_model, min_p):
+    model, train = warm_model
+    memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), rlvr.Config(), torch.device("cpu"))  # uniform
+    prompts = [p for p in train.prompt_ids for _ in range(16)]
+    plain = rlvr.sample(model, tokenizer, prompts, 8, generator=torch.Generator().manual_seed(5))
+    dlc = rlvr.sample(model, tokenizer, prompts, 8, generator=torch.Generator().manual_seed(5), memory=memory, mu=1.5,
+                      min_p=min_p)
+    assert plain.texts == dlc.texts and torch.equal(plain.sample_logp, dlc.sample_logp)
+
+
+def test_dlc_moves_mass_only_among_plausible_tokens():
+    gen = torch.Generator().manual_seed(0)
+    policy = torch.log_softmax(3 * torch.randn(64, 99, generator=gen), -1)
+    memory = torch.log_softmax(2 * torch.randn(64, 99, generator=gen), -1)  # a memory with opinions
+    for min_p in (0.05, 0.3):
+        q = rlvr.dlc_calibrate(policy, memory, mu=1.5, min_p=min_p)
+        plausible = policy >= policy.max(-1, keepdim=True).values + math.log(min_p)
+        assert torch.equal(q[~plausible], policy[~plausible])  # junk the memory never saw is never boosted (or cut)
+        mass = lambda lp: (lp.exp() * plausible).sum(-1)  # noqa: E731
+        assert torch.allclose(mass(q), mass(policy), atol=1e-5) and torch.allclose(q.exp().sum(-1), torch.ones(64))
+        assert (q - policy).abs().max() > 0.1  # and inside the plausible set, the memory does move the shares
+
+
+def test_dlc_loop_converges_to_a_tempered_policy():
+    """Sample from q, fit the memory to the samples, recompute q: the loop lands on q ~ pi^(1/(1+mu)) (plausible set)."""
+    pi = torch.log_softmax(torch.tensor([3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -4, -5, -6, -7]), -1)
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 8)
+    gen = torch.Generator().manual_seed(0)
+    for mu in (1.0, 1.5):
+        memory = rlvr.Memory(8, len(pi), rlvr.Config(mem_window=4, mem_steps=8, mem_lr=3e-2), torch.device("cpu"))
+        history = []
+        for _ in range(80):
+            with torch.no_grad():
+                q = rlvr.dlc_calibrate(pi[None], memory(hidden), mu, min_p=0.05)[0].exp()
+            history.append(q)
+            tokens = torch.multinomial(q, 1024, replacement=True, generator=gen)
+            memory.update(hidden.expand(1024, 1, 8), tokens[:, None], torch.ones(1024, 1))
+        plausible = pi >= pi.max() + math.log(0.05)
+        tempered = torch.log_softmax(torch.where(plausible, pi / (1 + mu), -math.inf), -1) + torch.logsumexp(pi[plausible], 0)
+        target = torch.where(plausible, tempered, pi).exp()
+        assert (pi.exp() - target).abs().max() > 0.1  # the fixed point is far from the policy itself ...
+        late = torch.stack(history[40:])
+        assert (late.mean(0) - target).abs().max() < 0.01  # ... and the loop sits on it (for mu > 1, swinging around it)
+        if mu <= 1:
+            assert (late - target).abs().max() < 0.02
+
+
+def test_bf16_autocast_step_moves_weights_like_fp32(tmp_path, task_dir, tokenizer, warm_model, monkeypatch):
+    """The GPU recipe on a CPU: weights loaded as for CUDA, forwards under bf16 autocast; a step at lr 1e-6 must move
+    the (fp32 master) weights as much as an fp32 step does. bf16 weights would round most such steps to nothing."""
+    model, train = warm_model
+    rlvr.save_policy(model, tokenizer, tmp_path / "base")
+    cfg = tiny_cfg(tmp_path, task_dir, group_size=8)
+    moves = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        monkeypatch.setattr(rlvr, "amp_dtype", lambda device, dtype=dtype: dtype)
+        policy, _ = rlvr.load_policy(tmp_path / "base", torch.device("cpu"), rlvr.TINY_ATTENTION)
+        before = [p.detach().clone() for p in policy.parameters()]
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+        stats = rlvr.rl_step(cfg, policy, tokenizer, opt, train, list(range(len(train))), torch.Generator().manual_seed(0))
+        assert 0 < stats["reward"] < 1
+        delta = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(policy.parameters(), before)])
+        moves[name] = (delta.mean().item(), (delta > 0).float().mean().item())
+    (fp32_mean, fp32_moved), (bf16_mean, bf16_moved) = moves["fp32"], moves["bf16"]
+    assert fp32_moved > 0.5 and abs(bf16_mean / fp32_mean - 1) < 0.05 and abs(bf16_moved / fp32_moved - 1) < 0.05
+
+
+SHAPED = ["unlikely", "count", "unlikely+count"]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo"])
+@pytest.mark.parametrize("shaping", SHAPED)
+def test_iac_never_pushes_a_solved_group_down(estimator, shaping):
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.tensor([[1.0] * 8, [1, 1, 1, 1, 1, 1, 0, 0]])
+    seq_logp = -torch.rand(2, 8, generator=gen) * 10
+    counts = torch.randint(1, 9, (2, 8), generator=gen).float()
+    cfg = rlvr.Config(method=f"{estimator}+{shaping}+iac")
+    adv = rlvr.compute_advantages(cfg, rewards, seq_logp, counts)
+    assert torch.equal(adv[0], torch.zeros(8))  # 0 failures: no push at all, neither up nor down
+    plain = rlvr.compute_advantages(rlvr.Config(method=f"{estimator}+{shaping}"), rewards, seq_logp, counts)
+    assert torch.allclose(adv[1, :6], plain[1, :6] * 2) and torch.equal(adv[1, 6:], plain[1, 6:])  # 2 failures
+
+
+ADVANTAGE_MODIFIERS = ["iac", "unlikely", "count", "fgrpo"]
+
+
+@pytest.mark.parametrize("estimator", list(rlvr.ADVANTAGES))
+@pytest.mark.parametrize("modifier", ADVANTAGE_MODIFIERS)
+def test_every_accepted_modifier_changes_the_advantages(estimator, modifier):
+    """Every estimator+modifier pair parse_method accepts must act; the pairs that could not act are refused."""
+    method = f"{estimator}+{modifier}"
+    if estimator in rlvr.BINARY_ESTIMATORS and modifier in rlvr.SHAPINGS:
+        with pytest.raises(ValueError, match="would change nothing"):
+            rlvr.parse_method(method)
+        return
+    rlvr.parse_method(method)
+    gen = torch.Generator().manual_seed(1)
+    rewards = torch.tensor([[1.0, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 1, 1], [1, 0, 1, 0, 1, 0, 1, 1]])
+    seq_logp = -torch.rand(3, 8, generator=gen) * 10
+    counts = torch.randint(1, 9, (3, 8), generator=gen).float()
+    with_it = rlvr.compute_advantages(rlvr.Config(method=method), rewards, seq_logp, counts)
+    without = rlvr.compute_advantages(rlvr.Config(method=estimator), rewards, seq_logp, counts)
+    assert not torch.allclose(with_it, without)
+
+
+def _fail_once(monkeypatch, owner, name, on_call):
+    """Make owner.name raise a CUDA out-of-memory error on its on_call-th call, once."""
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == on_call:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(owner, name, flaky)
+    return calls
+
+
+@pytest.mark.parametrize("owner,name,on_call", [
+    ("rlvr", "sample", 1), ("rlvr", "completion_logprobs", 1), ("rlvr", "ppo_clip_loss", 1),
+    ("rlvr", "completion_logprobs", 2),  # the second PPO epoch, after the first one stepped the optimiser
+    ("Memory", "update", 1)])
+def test_out_of_memory_at_any_phase_redoes_the_step_exactly(tmp_path, task_dir, tokenizer, warm_model, monkeypatch,
+                                                            owner, name, on_call):
+    model, train = warm_model
+    cfg = tiny_cfg(tmp_path, task_dir, group_size=8, method="grpo+count+iac+dlc", ppo_epochs=2, micro_batch=0)
+    queries = list(range(len(train)))
+
+    def run(inject: bool):
+        torch.manual_seed(0)
+        policy = copy.deepcopy(model)
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), cfg, torch.device("cpu"))
+        counts, gen = {("x", "y"): 3}, torch.Generator().manual_seed(0)
+        step_cfg = dataclasses.replace(cfg)
+        rlvr.rl_step(step_cfg, policy, tokenizer, opt, train, queries, gen, memory=memory, outcome_counts=counts)
+        if inject:
+            _fail_once(monkeypatch, rlvr if owner == "rlvr" else rlvr.Memory, name, on_call)
+        stats = rlvr.rl_step(step_cfg, policy, tokenizer, opt, train, queries, gen, memory=memory, outcome_counts=counts)
+        monkeypatch.undo()
+        return stats, policy, memory, counts, gen.get_state(), step_cfg.micro_batch
+
+    clean, failed = run(False), run(True)
+    assert failed[5] == 24 and clean[5] == 0  # the redo ran in micro-batches
+    assert failed[0]["reward"] == clean[0]["reward"] and failed[0]["distinct_correct"] == clean[0]["distinct_correct"]
+    assert failed[3] == clean[3]  # outcome counts: this step counted once
+    assert torch.equal(failed[4], clean[4])  # the sampler's generator advanced exactly as in one clean step
+    for a, b in zip(clean[1].parameters(), failed[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)  # one update, not two
+    assert len(failed[2].window) == len(clean[2].window) == 2
+    for a, b in zip(clean[2].net.parameters(), failed[2].net.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_zero_memory_steps_is_refused():
+    with pytest.raises(rlvr.UserError, match="--mem-steps"):
+        rlvr.validate_config(rlvr.Config(mem_steps=0, method="iac+dlc"))
+
+
+def test_micro_batches_change_memory_use_only(tmp_path, task_dir, tokenizer, warm_model, monkeypatch):
+    model, train = warm_model
+    queries = list(range(len(train)))
+    real, seen = rlvr.rewards_for, []
+    monkeypatch.setattr(rlvr, "rewards_for", lambda tasks, r: seen.append(r.texts) or real(tasks, r))
+    steps = {}
+    for micro in (0, 20):  # 48 rollouts: one batch, or chunks of 20, 20 and 8 that cut through groups
+        cfg = tiny_cfg(tmp_path, task_dir, group_size=8, micro_batch=micro, ppo_epochs=2, method="grpo+kl")
+        policy = copy.deepcopy(model)
+        before = [p.detach().clone() for p in policy.parameters()]
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)  # the step is minus the (clipped) gradient
+        stats = rlvr.rl_step(cfg, policy, tokenizer, opt, train, queries, torch.Generator().manual_seed(0),
+                             base=model)
+        steps[micro] = (stats, [p.detach() - b for p, b in zip(policy.parameters(), before)])
+    assert len(seen) == 2 and seen[0] == seen[1]  # the same rollouts, text for text
+    (whole, d_whole), (split, d_split) = steps[0], steps[20]
+    assert max((a - b).abs().max().item() for a, b in zip(d_whole, d_split)) < 1e-5
+    for key in ("reward", "distinct_correct", "tokens", "clip_frac", "kl", "entropy", "loss"):
+        assert whole[key] == pytest.approx(split[key], abs=1e-5), key  # metrics over every micro-batch, not the last
+    assert whole["clip_frac"] > 0  # the second epoch clips some tokens: a metric the last micro-batch alone would miss
+
+
+def test_micro_batch_run_writes_the_same_summary(tmp_path, task_dir):
+    runs = [rlvr.train(tiny_cfg(tmp_path, task_dir, out=str(tmp_path / f"mb{m}"), micro_batch=m, method="iac+dlc"))
+            for m in (0, 6)]
+    for s in runs:
+        s.pop("timing")
+        s["config"].pop("out"), s["config"].pop("micro_batch")
+    assert runs[0] == runs[1]
+
+
+def test_loss_uses_the_sampling_temperature(tmp_path, task_dir, tokenizer, warm_model, monkeypatch):
+    """At T = 0.7 the old log-probs of the loss are the sampler's own (ratio 1), and mu = 0 DLC weights are 1."""
+    model, train = warm_model
+    real_sample, real_loss, got = rlvr.sample, rlvr.ppo_clip_loss, {}
+    monkeypatch.setattr(rlvr, "sample", lambda *a, **kw: got.setdefault("rollouts", real_sample(*a, **kw)))
+
+    def spy_loss(logp, old_logp, *args, **kw):
+        got.update(old_logp=old_logp, weights=kw.get("weights"))
+        return real_loss(logp, old_logp, *args, **kw)
+
+    monkeypatch.setattr(rlvr, "ppo_clip_loss", spy_loss)
+    cfg = tiny_cfg(tmp_path, task_dir, group_size=8, temperature=0.7, method="dlc", dlc_mu=0.0, dlc_is_cap=2.0)
+    memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), cfg, torch.device("cpu"))
+    torch.nn.init.normal_(memory.net.net[-1].weight)  # mu = 0 must make even an opinionated memory a no-op
+    opt = torch.optim.AdamW(copy.deepcopy(model).parameters(), lr=1e-3)
+    rlvr.rl_step(cfg, copy.deepcopy(model), tokenizer, opt, train, list(range(len(train))),
+                 torch.Generator().manual_seed(0), memory=memory)
+    mask = got["rollouts"].completion_mask.bool()
+    assert torch.allclose(got["old_logp"][mask], got["rollouts"].sample_logp[mask], atol=1e-5)
+    assert torch.allclose(got["weights"][mask], torch.ones(int(mask.sum())), atol=1e-5)
 
 
 # ---------------------------------------------------------------- lessons: sampling bias and semantic coupling
