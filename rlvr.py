@@ -29,12 +29,17 @@ Departures from the textbook, each with its reason
   * A completion that does not emit EOS within `max_new_tokens` gets reward 0: a correct answer
     must also stop, which keeps every mode of the exact metrics a finite string.
   * KL to the base is off unless `--method` includes `kl` (TRL's default and DAPO's choice).
+  * Log-probs in the loss (old, new and the KL reference's) are taken at the sampling temperature, as TRL and
+    verl do: the ratio then compares the policy with the distribution that really drew the samples.
+  * fp32 master weights everywhere, bf16 autocast for the forward passes on GPUs (a bf16 weight cannot hold
+    a step of lr 1e-6). `--micro-batch` changes memory use only: every chunk draws the same noise.
 
 The paper's fixes (arXiv 2601.15609) and what we chose where it is silent
-  * IAC: positive advantages x (G - #correct)^alpha, after any base estimator (`inverse_success_calibration`).
+  * IAC: the successes' advantages x (G - #correct)^alpha, after any base estimator (`inverse_success_calibration`).
   * DLC: rollouts sampled from softmax(log pi - mu log m), m a memory network trained by cross-entropy on
     recent rollouts. Ours is an MLP head on the policy's detached hidden state (free inside the decode loop),
-    calibrates only tokens the policy finds plausible (`--dlc-min-p`), and applies no importance correction
+    re-weights only tokens the policy finds plausible (`--dlc-min-p`) and keeps the policy's own mass on the
+    others (so an untrained memory samples exactly the plain policy), and applies no importance correction
     by default (`--dlc-is-cap`). Evaluation always samples the plain policy.
 
 Run
@@ -112,20 +117,20 @@ class Config:
     lr: float = field(default=3e-4, metadata={"help": "RL learning rate (AdamW); 1e-3 diverges within 5 steps on the toy tasks"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay in RL (0: decay would pull towards 0, not the base)"})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip epsilon"})
-    micro_batch: int = field(default=0, metadata={"help": "sequences per forward/backward (0 = whole batch); halved automatically on CUDA out-of-memory"})
+    micro_batch: int = field(default=0, metadata={"help": "sequences per forward/backward (0 = whole batch); changes memory use, not samples"})
     ppo_epochs: int = field(default=1, metadata={"help": "updates per batch; 1 = exactly on-policy (ratio 1, clipping never acts)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and evaluation"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and evaluation (the loss uses it too)"})
     max_new_tokens: int = field(default=8, metadata={"help": "longest completion, EOS included"})
     # the paper's calibrations (used when --method names them)
     iac_alpha: float = field(default=1.0, metadata={"help": "IAC exponent: positive advantages x (G - #correct)^alpha (the paper's 1; also best on validation)"})
     iac_renorm: bool = field(default=False, metadata={"help": "rescale IAC advantages to the batch's original mean |A| (off: the paper shows none)"})
     dlc_mu: float = field(default=1.5, metadata={"help": "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy; 1.5 chosen on validation, trading pass@1 for pass@64)"})
-    dlc_min_p: float = field(default=0.05, metadata={"help": "DLC calibrates only tokens with pi >= min_p * max pi (0 = all; the memory would boost junk it never saw)"})
+    dlc_min_p: float = field(default=0.05, metadata={"help": "DLC re-weights only tokens with pi >= min_p * max pi; the rest keep pi (0 = all)"})
     dlc_is_cap: float = field(default=0.0, metadata={"help": "truncated importance weight pi/q <= cap for DLC samples (0 = none: a decoupled sampler, so modes the policy would not sample keep their credit)"})
     mem_width: int = field(default=64, metadata={"help": "memory network hidden width"})
     mem_window: int = field(default=4, metadata={"help": "memory is trained on the rollouts of the last this many RL steps (FIFO)"})
-    mem_steps: int = field(default=4, metadata={"help": "memory Adam steps on the window after every RL step"})
+    mem_steps: int = field(default=4, metadata={"help": "memory Adam steps on the window after every RL step (at least 1)"})
     mem_lr: float = field(default=3e-3, metadata={"help": "memory learning rate"})
     # competing methods: each coefficient is used only when --method names its part (default: its paper's value)
     entropy_coef: float = field(default=0.001, metadata={"help": "[entropy] loss - coef * mean token entropy (0.001, the common PPO-for-LLM value)"})
@@ -247,7 +252,8 @@ def format_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 def amp_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype of the forward passes: bf16 on GPUs that support it (Ampere and newer), else fp32 (None). Weights,
     gradients and optimiser state stay fp32 (mixed precision). fp32 on a T4: fp16 would need loss scaling."""
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    # compute capability 8+: is_bf16_supported() also says yes where bf16 is only emulated (slowly), e.g. a T4
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else None
 
 
 def autocast(device: torch.device):
@@ -556,17 +562,35 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+class GroupNoise:
+    """Uniform noise for the sampler, one random stream per group of the batch, seeded by (seed, group index).
+
+    A chunk of rows [first, first + B) draws only the groups it overlaps, so a query's rollouts depend on
+    (seed, its place in the batch) and not on how the batch is split: --micro-batch and the out-of-memory redo
+    change memory use only. Call once per generated token; returns [B, vocab].
+    """
+
+    def __init__(self, seed: int, first: int, rows: int, group_size: int, device: torch.device):
+        self.first, self.rows, self.group_size, self.device = first, rows, group_size, device
+        groups = range(first // group_size, (first + rows - 1) // group_size + 1)
+        self.streams = [(g, torch.Generator(device=device).manual_seed(seed + g)) for g in groups]
+
+    def __call__(self, vocab: int) -> torch.Tensor:
+        G = self.group_size
+        rows = torch.cat([torch.rand((G, vocab), generator=gen, device=self.device) for _, gen in self.streams])
+        offset = self.first - self.streams[0][0] * G
+        return rows[offset:offset + self.rows]
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            generator: torch.Generator | None = None, with_entropy: bool = False, memory=None, mu: float = 0.0,
-           min_p: float = 0.0, stop_at_eos: bool = True, batch_rows: tuple[int, int] | None = None) -> Rollouts:
+           min_p: float = 0.0, stop_at_eos: bool = True, noise: GroupNoise | None = None) -> Rollouts:
     """Sample one completion per prompt (repeat a prompt G times for a group), batched, KV cache, stop at EOS.
 
     With a `memory` network, each token comes from the DLC-calibrated distribution
     softmax(log pi(.|h) - mu * log m(.|h)) (see `dlc_calibrate`); entropy is always the plain policy's.
-    batch_rows = (first row, rows of the whole batch): these prompts are a chunk of a larger batch. The noise is
-    drawn for the whole batch and this chunk keeps its rows, so with a generator seeded alike, each row gets the
-    same sample however the batch is split (micro-batches and out-of-memory retries change memory use only).
+    noise: a `GroupNoise` for these rows (training rollouts); otherwise the noise comes from `generator`.
     """
     device = next(model.parameters()).device
     training = model.training
@@ -574,13 +598,13 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     try:
         with autocast(device):
             return _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu,
-                           min_p, stop_at_eos, batch_rows or (0, len(prompt_ids)))
+                           min_p, stop_at_eos, noise)
     finally:
         model.train(training)
 
 
 def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu, min_p,
-            stop_at_eos, batch_rows) -> Rollouts:
+            stop_at_eos, noise) -> Rollouts:
     device = next(model.parameters()).device
     base, head, cache_kw = model.base_model, model.get_output_embeddings(), _cache_kwarg(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -610,8 +634,7 @@ def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator
     for t in range(max_new_tokens):
         logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # [B, V]
         logq = logp if memory is None else dlc_calibrate(logp, memory(hidden), mu, min_p)  # the sampling distribution
-        first, total = batch_rows
-        uniform = torch.rand((total, logq.shape[1]), generator=generator, device=device)[first:first + B]
+        uniform = noise(logq.shape[1]) if noise else torch.rand(logq.shape, generator=generator, device=device)
         gumbel = -torch.log(-torch.log(uniform))
         tok = (logq + gumbel).argmax(dim=-1)  # Gumbel-max: an exact sample from softmax(logq), cheaper than multinomial
         sample_logp[:, t] = logq.gather(1, tok[:, None]).squeeze(1)
@@ -803,15 +826,17 @@ def inverse_success_calibration(advantages: torch.Tensor, rewards: torch.Tensor,
     would spread to other queries through shared parameters, is no longer what drives the update.
     Example, G = 4, rewards [1, 0, 0, 0]: GRPO gives [1.5, -0.5, -0.5, -0.5], IAC [4.5, -0.5, -0.5, -0.5].
     advantages, rewards: [num_queries, G]. All-correct and all-wrong groups stay exactly 0.
-    Project's choice, which samples are "positive": the verified-correct ones (rewards > 0). With 0/1 rewards they
-    are exactly the positive advantages of the paper's wording; after reward shaping (unlikely, count) an
-    all-correct group has z-scores of both signs, and scaling only the positive ones by 0 failures would push a
-    solved query's likely answers down with nothing pushed up. Scaling the correct ones keeps that group at 0.
+    Project's choice after reward shaping (unlikely, count): an all-correct group then has advantages of both
+    signs, and scaling only its positive ones by 0 failures would push a solved query's likely answers down with
+    nothing pushed up. So a group whose successes get factor 0 gets no push at all. (With 0/1 rewards such a
+    group is 0 already; "successes" are positive advantages of samples with reward > 0, failures reward <= 0.)
     renorm: rescale the batch so its mean |A| is unchanged (the paper shows none, hence off by default).
     """
     group_size = rewards.shape[1]
     failures = group_size - (rewards > 0).sum(dim=1, keepdim=True)
-    calibrated = torch.where(rewards > 0, advantages * failures.to(advantages.dtype) ** alpha, advantages)
+    factor = failures.to(advantages.dtype) ** alpha
+    calibrated = torch.where((advantages > 0) & (rewards > 0), advantages * factor, advantages)
+    calibrated = torch.where(factor == 0, 0.0, calibrated)
     if renorm and calibrated.abs().sum() > 0:
         calibrated = calibrated * (advantages.abs().sum() / calibrated.abs().sum())
     return calibrated
@@ -827,13 +852,14 @@ def group_index(group_ids) -> torch.Tensor:
 def inverse_success_calibration_flat(advantages: torch.Tensor, rewards: torch.Tensor, group_ids, alpha: float = 1.0) -> torch.Tensor:
     """IAC on flat [N] tensors plus a group label per sample (the layout of verl and TRL; groups may differ in size).
 
-    Same rule as `inverse_success_calibration`: correct samples' advantages x (group size - group's correct count)^alpha.
+    Same rule as `inverse_success_calibration`: successes x (group size - group's correct count)^alpha.
     """
     ids = group_index(group_ids).to(advantages.device)
     size = torch.bincount(ids).to(advantages.dtype)
     correct = torch.bincount(ids, weights=(rewards > 0).to(advantages.dtype))
-    failures = (size - correct)[ids]
-    return torch.where(rewards > 0, advantages * failures ** alpha, advantages)
+    factor = (size - correct)[ids] ** alpha
+    calibrated = torch.where((advantages > 0) & (rewards > 0), advantages * factor, advantages)
+    return torch.where(factor == 0, 0.0, calibrated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -876,6 +902,9 @@ def dlc_calibrate(policy_logp: torch.Tensor, memory_logp: torch.Tensor, mu: floa
     apart from a temperature is the memory's lag (a window of recent steps) and that one memory serves every query.
     policy_logp, memory_logp: [B, V].
     """
+    if mu == 0:
+        return policy_logp
+    memory_logp = memory_logp.clamp(min=-100.0)  # a saturated memory must not turn -inf * mu into NaN
     if min_p > 0:
         plausible = policy_logp >= policy_logp.max(dim=-1, keepdim=True).values + math.log(min_p)
     else:
@@ -1227,6 +1256,7 @@ class Batch:
     distinct_correct: int            # distinct (query, answer) pairs among the correct rollouts
     outcome_counts: dict             # the outcome counts with this batch added, committed once the step succeeds
     graph: tuple | None = None       # (logp, entropy) with their autograd graph, when one forward covered the batch
+    stepped: bool = False            # set when the optimiser begins to step
 
 
 def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries: list[int], noise_seed: int,
@@ -1239,12 +1269,12 @@ def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries
     micro = cfg.micro_batch or B
     spans = [(i, min(i + micro, B)) for i in range(0, B, micro)]
     # 1. sample a group of completions per query (DLC: from the calibrated distribution), one chunk per micro-batch,
-    #    every chunk seeded alike: a row's sample depends on (seed, step, row), not on the split
+    #    each group with its own noise stream: a row's sample depends on (seed, step, row), not on the split
     tasks = [train_set.tasks[q] for q in queries for _ in range(G)]
     prompts = [train_set.prompt_ids[q] for q in queries for _ in range(G)]
-    chunks = [sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, T,
-                     torch.Generator(device=device).manual_seed(noise_seed), memory=memory if "dlc" in parts else None,
-                     mu=cfg.dlc_mu, min_p=cfg.dlc_min_p, batch_rows=(i, B)) for i, j in spans]
+    chunks = [sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, T, memory=memory if "dlc" in parts else None,
+                     mu=cfg.dlc_mu, min_p=cfg.dlc_min_p, noise=GroupNoise(noise_seed, i, j - i, G, device))
+              for i, j in spans]
     rollouts = concat_rollouts(chunks, tokenizer.pad_token_id)
     mask = rollouts.completion_mask
     # 2. log-probs of what was sampled, at the sampling temperature (the distribution the samples came from).
@@ -1308,6 +1338,7 @@ def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
             opt.zero_grad(set_to_none=True)
             skipped += 1
             continue
+        batch.stepped = True  # from here on the weights and the optimiser's state change: no redo possible
         opt.step()
     stats = {"loss": loss, "grad_norm": grad_norm.item(), "entropy": entropy_sum / n_tokens, "skipped_updates": skipped,
              "clip_frac": clip_frac / (n_tokens * cfg.ppo_epochs)}  # over every micro-batch of every epoch
@@ -1316,29 +1347,19 @@ def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
     return stats
 
 
-def _cpu_copy(obj):
-    """A deep copy with every tensor on the CPU (a snapshot that costs no accelerator memory)."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
 def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator,
             base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> dict:
     """One RL step: collect rollouts, let the memory learn them (DLC), update the policy, commit outcome counts.
 
-    On CUDA out-of-memory the step is redone with micro-batches half the size, from the state it started in: the
-    sampler's generator, the memory (net, optimiser, window), the outcome counts and, with several PPO epochs (where
-    a later epoch can fail after an earlier one stepped), the policy and its optimiser. Same rollouts, same update.
+    On CUDA out-of-memory before the optimiser steps (sampling, forward, backward, the memory's update: where the
+    memory peaks), the step is redone with micro-batches half the size from the state it started in: the sampler's
+    generator, the memory (net, optimiser, window) and the outcome counts (committed only at the end). Same
+    rollouts, same update. After the optimiser has begun to step, the run stops with a message instead.
     """
     gen_state = gen.get_state()
     memory_state = memory.snapshot() if memory is not None else None
-    policy_state = (_cpu_copy(policy.state_dict()), _cpu_copy(opt.state_dict())) if cfg.ppo_epochs > 1 else None
     while True:
+        batch = None
         try:
             noise_seed = int(torch.randint(2**62, (1,), generator=gen, device=gen.device))
             batch = collect_rollouts(cfg, policy, tokenizer, train_set, queries, noise_seed, base=base, memory=memory,
@@ -1352,19 +1373,20 @@ def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: li
             return {"reward": batch.rewards.mean().item(), "distinct_correct": batch.distinct_correct,
                     "tokens": int(batch.rollouts.completion_mask.sum()), **stats}
         except torch.OutOfMemoryError:
+            if batch is not None and batch.stepped:  # its state is allocated on the first step; later epochs repeat
+                raise UserError("out of GPU memory after the optimiser began to update the weights: a redo would "
+                                "apply the update twice, and smaller micro-batches would not shrink the optimiser's "
+                                "state. The last checkpoint is intact: free memory or use a smaller model, then "
+                                "--resume") from None
             size = len(queries) * cfg.group_size
             if (cfg.micro_batch or size) <= 1:
                 raise
             cfg.micro_batch = max(1, (cfg.micro_batch or size) // 2)
             print(f"rlvr.py: out of GPU memory; redoing the step with --micro-batch {cfg.micro_batch}", file=sys.stderr)
-            batch = None
             opt.zero_grad(set_to_none=True)
             gen.set_state(gen_state)
             if memory is not None:
-                memory.load_state_dict(copy.deepcopy(memory_state))
-            if policy_state is not None:
-                policy.load_state_dict(policy_state[0])
-                opt.load_state_dict(copy.deepcopy(policy_state[1]))  # on the CPU, loading would alias the snapshot
+                memory.load_state_dict(copy.deepcopy(memory_state))  # a copy: loading could alias the snapshot
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -1396,9 +1418,11 @@ def validate_config(cfg: Config) -> None:
         if not ok:
             raise UserError(message)
     try:
-        parse_method(cfg.method)
+        _, parts = parse_method(cfg.method)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if "cliphigher" in parts and cfg.ppo_epochs == 1:
+        raise UserError("cliphigher acts only with --ppo-epochs > 1 (with one epoch the PPO ratio is exactly 1)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
 
@@ -2058,7 +2082,7 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
     device, tokenizer, train_set, policy = _bench_setup(cfg)
     rng = random.Random(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    memory = Memory(policy.config.hidden_size, len(tokenizer), cfg, device)
+    memory = Memory(policy.config.hidden_size, policy.get_output_embeddings().weight.shape[0], cfg, device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
 
     def batch(n_queries):
@@ -2303,9 +2327,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"rlvr.py: unknown command {cmd!r} (use train, compare, explain, bench, make-tasks, or no command for the demo)")
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """main() with a problem in the user's input reported as one line and exit code 2, no traceback."""
     try:
-        main()
+        main(argv)
     except UserError as e:
         print(f"rlvr.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

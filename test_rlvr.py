@@ -544,6 +544,23 @@ def test_bf16_autocast_step_moves_weights_like_fp32(tmp_path, task_dir, tokenize
         moves[name] = (delta.mean().item(), (delta > 0).float().mean().item())
     (fp32_mean, fp32_moved), (bf16_mean, bf16_moved) = moves["fp32"], moves["bf16"]
     assert fp32_moved > 0.5 and abs(bf16_mean / fp32_mean - 1) < 0.05 and abs(bf16_moved / fp32_moved - 1) < 0.05
+    # and a CUDA device gets those fp32 weights too (the model's .to(device) is all that differs)
+    loaded = {}
+
+    class Loaded:
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    def fake_from_pretrained(path, **kw):
+        loaded.update(kw)
+        return Loaded()
+
+    monkeypatch.setattr(rlvr.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    rlvr.load_policy(tmp_path / "base", torch.device("cuda"))
+    assert loaded["dtype"] == torch.float32
 
 
 SHAPED = ["unlikely", "count", "unlikely+count"]
@@ -560,7 +577,9 @@ def test_iac_never_pushes_a_solved_group_down(estimator, shaping):
     adv = rlvr.compute_advantages(cfg, rewards, seq_logp, counts)
     assert torch.equal(adv[0], torch.zeros(8))  # 0 failures: no push at all, neither up nor down
     plain = rlvr.compute_advantages(rlvr.Config(method=f"{estimator}+{shaping}"), rewards, seq_logp, counts)
-    assert torch.allclose(adv[1, :6], plain[1, :6] * 2) and torch.equal(adv[1, 6:], plain[1, 6:])  # 2 failures
+    success = (plain[1] > 0) & (rewards[1] > 0)
+    assert success.any() and torch.allclose(adv[1][success], plain[1][success] * 2)  # 2 failures: successes x2
+    assert torch.equal(adv[1][~success], plain[1][~success])
 
 
 ADVANTAGE_MODIFIERS = ["iac", "unlikely", "count", "fgrpo"]
@@ -599,31 +618,32 @@ def _fail_once(monkeypatch, owner, name, on_call):
     return calls
 
 
-@pytest.mark.parametrize("owner,name,on_call", [
-    ("rlvr", "sample", 1), ("rlvr", "completion_logprobs", 1), ("rlvr", "ppo_clip_loss", 1),
-    ("rlvr", "completion_logprobs", 2),  # the second PPO epoch, after the first one stepped the optimiser
-    ("Memory", "update", 1)])
-def test_out_of_memory_at_any_phase_redoes_the_step_exactly(tmp_path, task_dir, tokenizer, warm_model, monkeypatch,
-                                                            owner, name, on_call):
+def _oom_run(model, tokenizer, train, cfg, monkeypatch, inject=None):
+    """Two RL steps from one start; `inject` = (owner, name, call) fails once with a CUDA out-of-memory in step 2."""
+    torch.manual_seed(0)
+    policy = copy.deepcopy(model)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), cfg, torch.device("cpu"))
+    counts, gen, step_cfg = {("x", "y"): 3}, torch.Generator().manual_seed(0), dataclasses.replace(cfg)
+    queries = list(range(len(train)))
+    rlvr.rl_step(step_cfg, policy, tokenizer, opt, train, queries, gen, memory=memory, outcome_counts=counts)
+    if inject:
+        _fail_once(monkeypatch, *inject)
+    try:
+        stats = rlvr.rl_step(step_cfg, policy, tokenizer, opt, train, queries, gen, memory=memory, outcome_counts=counts)
+    finally:
+        monkeypatch.undo()
+    return stats, policy, memory, counts, gen.get_state(), step_cfg.micro_batch
+
+
+@pytest.mark.parametrize("phase", ["sample", "completion_logprobs", "ppo_clip_loss", "memory update"])
+def test_out_of_memory_before_the_update_redoes_the_step_exactly(tmp_path, task_dir, tokenizer, warm_model, monkeypatch,
+                                                                  phase):
     model, train = warm_model
     cfg = tiny_cfg(tmp_path, task_dir, group_size=8, method="grpo+count+iac+dlc", ppo_epochs=2, micro_batch=0)
-    queries = list(range(len(train)))
-
-    def run(inject: bool):
-        torch.manual_seed(0)
-        policy = copy.deepcopy(model)
-        opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-        memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), cfg, torch.device("cpu"))
-        counts, gen = {("x", "y"): 3}, torch.Generator().manual_seed(0)
-        step_cfg = dataclasses.replace(cfg)
-        rlvr.rl_step(step_cfg, policy, tokenizer, opt, train, queries, gen, memory=memory, outcome_counts=counts)
-        if inject:
-            _fail_once(monkeypatch, rlvr if owner == "rlvr" else rlvr.Memory, name, on_call)
-        stats = rlvr.rl_step(step_cfg, policy, tokenizer, opt, train, queries, gen, memory=memory, outcome_counts=counts)
-        monkeypatch.undo()
-        return stats, policy, memory, counts, gen.get_state(), step_cfg.micro_batch
-
-    clean, failed = run(False), run(True)
+    inject = (rlvr.Memory, "update", 1) if phase == "memory update" else (rlvr, phase, 1)
+    clean, failed = _oom_run(model, tokenizer, train, cfg, monkeypatch), _oom_run(model, tokenizer, train, cfg,
+                                                                                   monkeypatch, inject)
     assert failed[5] == 24 and clean[5] == 0  # the redo ran in micro-batches
     assert failed[0]["reward"] == clean[0]["reward"] and failed[0]["distinct_correct"] == clean[0]["distinct_correct"]
     assert failed[3] == clean[3]  # outcome counts: this step counted once
@@ -633,6 +653,17 @@ def test_out_of_memory_at_any_phase_redoes_the_step_exactly(tmp_path, task_dir, 
     assert len(failed[2].window) == len(clean[2].window) == 2
     for a, b in zip(clean[2].net.parameters(), failed[2].net.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("inject", [("completion_logprobs", 2), ("step", 1)])  # the second PPO epoch; inside AdamW
+def test_out_of_memory_after_the_optimiser_stepped_stops_with_a_message(tmp_path, task_dir, tokenizer, warm_model,
+                                                                         monkeypatch, inject):
+    """Once weights and optimiser state began to change, a redo would apply the update twice: stop instead."""
+    model, train = warm_model
+    cfg = tiny_cfg(tmp_path, task_dir, group_size=8, method="grpo+iac+dlc", ppo_epochs=2)
+    owner = torch.optim.AdamW if inject[0] == "step" else rlvr
+    with pytest.raises(rlvr.UserError, match="optimiser began to update the weights"):
+        _oom_run(model, tokenizer, train, cfg, monkeypatch, (owner, *inject))
 
 
 def test_zero_memory_steps_is_refused():
@@ -672,25 +703,34 @@ def test_micro_batch_run_writes_the_same_summary(tmp_path, task_dir):
 
 
 def test_loss_uses_the_sampling_temperature(tmp_path, task_dir, tokenizer, warm_model, monkeypatch):
-    """At T = 0.7 the old log-probs of the loss are the sampler's own (ratio 1), and mu = 0 DLC weights are 1."""
+    """At T = 0.7, every log-prob the loss sees is of the tempered distribution the samples came from: in micro-batches,
+    the first epoch's ratio is 1 and the KL reference (a copy of the policy) equals it; mu = 0 DLC weights are 1."""
     model, train = warm_model
-    real_sample, real_loss, got = rlvr.sample, rlvr.ppo_clip_loss, {}
-    monkeypatch.setattr(rlvr, "sample", lambda *a, **kw: got.setdefault("rollouts", real_sample(*a, **kw)))
+    real_sample, real_loss, got = rlvr.sample, rlvr.ppo_clip_loss, {"calls": []}
+    monkeypatch.setattr(rlvr, "sample", lambda *a, **kw: got.setdefault("rollouts", []).append(real_sample(*a, **kw))
+                        or got["rollouts"][-1])
 
     def spy_loss(logp, old_logp, *args, **kw):
-        got.update(old_logp=old_logp, weights=kw.get("weights"))
+        got["calls"].append((logp.detach(), old_logp, kw["ref_logp"], kw["weights"]))
         return real_loss(logp, old_logp, *args, **kw)
 
     monkeypatch.setattr(rlvr, "ppo_clip_loss", spy_loss)
-    cfg = tiny_cfg(tmp_path, task_dir, group_size=8, temperature=0.7, method="dlc", dlc_mu=0.0, dlc_is_cap=2.0)
+    cfg = tiny_cfg(tmp_path, task_dir, group_size=8, temperature=0.7, method="dlc+kl", dlc_mu=0.0, dlc_is_cap=2.0,
+                   micro_batch=20, ppo_epochs=2)
     memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), cfg, torch.device("cpu"))
     torch.nn.init.normal_(memory.net.net[-1].weight)  # mu = 0 must make even an opinionated memory a no-op
-    opt = torch.optim.AdamW(copy.deepcopy(model).parameters(), lr=1e-3)
-    rlvr.rl_step(cfg, copy.deepcopy(model), tokenizer, opt, train, list(range(len(train))),
-                 torch.Generator().manual_seed(0), memory=memory)
-    mask = got["rollouts"].completion_mask.bool()
-    assert torch.allclose(got["old_logp"][mask], got["rollouts"].sample_logp[mask], atol=1e-5)
-    assert torch.allclose(got["weights"][mask], torch.ones(int(mask.sum())), atol=1e-5)
+    policy = copy.deepcopy(model)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    rlvr.rl_step(cfg, policy, tokenizer, opt, train, list(range(len(train))), torch.Generator().manual_seed(0),
+                 base=copy.deepcopy(model), memory=memory)
+    assert len(got["rollouts"]) == 3 and len(got["calls"]) == 6  # 48 rollouts in chunks of 20, 20, 8; two epochs
+    for r, (logp, old_logp, ref_logp, weights) in zip(got["rollouts"], got["calls"][:3]):
+        mask = r.completion_mask.bool()
+        assert torch.allclose(old_logp[mask], r.sample_logp[mask], atol=1e-5)  # the sampler's own log-probs
+        assert torch.allclose(logp[mask], old_logp[mask], atol=1e-5)  # epoch 1: ratio 1
+        assert torch.allclose(ref_logp[mask], old_logp[mask], atol=1e-5)  # the reference, tempered alike
+        assert torch.allclose(weights[mask], torch.ones(int(mask.sum())), atol=1e-5)
+    assert any(not torch.allclose(c[0], c[1]) for c in got["calls"][3:])  # epoch 2 sees the updated policy
 
 
 # ---------------------------------------------------------------- lessons: sampling bias and semantic coupling
@@ -734,6 +774,14 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, str(rlvr.HERE / "rlvr.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+def cli_in_process(capsys, *args) -> tuple[int, str]:
+    """The command line without a new interpreter (the same `cli` entry point; one real subprocess test below)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        rlvr.cli(list(args))
+    return exit_info.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content,expected", [
     ('{"type": "digit_sum", "prompt": "x", "terms": 3, "target": 9}\n{not json\n', "train.jsonl:2: not valid JSON"),
     ('{"type": "digit_sum", "prompt": "x", "terms": 3}\n', "train.jsonl:1: digit_sum task is missing field 'target'"),
@@ -743,24 +791,25 @@ def run_cli(*args, cwd=None):
     ("\n\n", "train.jsonl: no tasks in file"),
     ('[1, 2]\n', "train.jsonl:1: a task must be a JSON object"),
 ])
-def test_bad_task_files_give_one_clear_line_and_exit_2(tmp_path, task_dir, content, expected):
+def test_bad_task_files_give_one_clear_line_and_exit_2(tmp_path, task_dir, content, expected, capsys):
     folder = tmp_path / "tasks"
     folder.mkdir()
     for split in ("val", "test"):
         (folder / f"{split}.jsonl").write_text((task_dir / f"{split}.jsonl").read_text())
     (folder / "train.jsonl").write_text(content)
-    r = run_cli("train", "--tasks", str(folder), "--out", str(tmp_path / "out"))
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr
+    code, err = cli_in_process(capsys, "train", "--tasks", str(folder), "--out", str(tmp_path / "out"))
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err
 
 
-def test_missing_task_folder_and_file(tmp_path):
-    r = run_cli("train", "--tasks", str(tmp_path / "nope"))
+def test_missing_task_folder_and_file(tmp_path, capsys):
+    r = run_cli("train", "--tasks", str(tmp_path / "nope"))  # the real entry point, in its own interpreter
     assert r.returncode == 2 and "task folder" in r.stderr and "not found" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     (tmp_path / "t").mkdir()
-    r = run_cli("train", "--tasks", str(tmp_path / "t"))
-    assert r.returncode == 2 and "train.jsonl: missing" in r.stderr
+    code, err = cli_in_process(capsys, "train", "--tasks", str(tmp_path / "t"))
+    assert code == 2 and "train.jsonl: missing" in err
 
 
 def test_duplicate_queries_across_splits_are_reported(tmp_path, task_dir, capsys):
@@ -781,11 +830,14 @@ def test_duplicate_queries_across_splits_are_reported(tmp_path, task_dir, capsys
     (["--passk-k", "9"], "--passk-k must be in 1..group size"),
     (["--eval-n", "0"], "--eval-n must be at least 1"),
     (["--steps", "ten"], "invalid int value"),
+    (["--method", "iac+dlc", "--mem-steps", "0"], "--mem-steps and --mem-width must be >= 1"),
+    (["--method", "passk+unlikely"], "would change nothing"),
+    (["--method", "grpo+cliphigher"], "cliphigher acts only with --ppo-epochs > 1"),
 ])
-def test_impossible_arguments_are_refused_before_work(tmp_path, flags, expected):
+def test_impossible_arguments_are_refused_before_work(tmp_path, flags, expected, capsys):
     t0 = time.perf_counter()
-    r = run_cli("train", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *flags)
-    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr
+    code, err = cli_in_process(capsys, "train", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *flags)
+    assert code == 2 and expected in err and "Traceback" not in err
     assert not (tmp_path / "cache").exists() and time.perf_counter() - t0 < 60  # refused before any warm-start
 
 
