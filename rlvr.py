@@ -125,7 +125,7 @@ class Config:
     # the paper's calibrations (used when --method names them)
     iac_alpha: float = field(default=1.0, metadata={"help": "IAC exponent: positive advantages x (G - #correct)^alpha (the paper's 1; also best on validation)"})
     iac_renorm: bool = field(default=False, metadata={"help": "rescale IAC advantages to the batch's original mean |A| (off: the paper shows none)"})
-    dlc_mu: float = field(default=1.5, metadata={"help": "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy; 1.5 chosen on validation, trading pass@1 for pass@64)"})
+    dlc_mu: float = field(default=2.0, metadata={"help": "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy; 2 chosen on validation, trading pass@1 for pass@64)"})
     dlc_min_p: float = field(default=0.05, metadata={"help": "DLC re-weights only tokens with pi >= min_p * max pi; the rest keep pi (0 = all)"})
     dlc_is_cap: float = field(default=0.0, metadata={"help": "truncated importance weight pi/q <= cap for DLC samples (0 = none: a decoupled sampler, so modes the policy would not sample keep their credit)"})
     mem_width: int = field(default=64, metadata={"help": "memory network hidden width"})
