@@ -1358,26 +1358,32 @@ def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: li
     """
     gen_state = gen.get_state()
     memory_state = memory.snapshot() if memory is not None else None
+    memory_ooms = 0
     while True:
-        batch = None
+        batch, phase = None, "rollouts"
         try:
             noise_seed = int(torch.randint(2**62, (1,), generator=gen, device=gen.device))
             batch = collect_rollouts(cfg, policy, tokenizer, train_set, queries, noise_seed, base=base, memory=memory,
                                      outcome_counts=outcome_counts)
-            stats = {}
+            stats, phase = {}, "memory"
             if memory is not None:  # it learns this batch's states, taken before the update, so the order is free
                 stats["memory_loss"] = memory.update(batch.hidden, batch.rollouts.completion_ids, batch.rollouts.completion_mask)
+            phase = "policy"
             stats |= update_policy(cfg, policy, opt, batch)
             if outcome_counts is not None:
                 outcome_counts.update(batch.outcome_counts)
             return {"reward": batch.rewards.mean().item(), "distinct_correct": batch.distinct_correct,
                     "tokens": int(batch.rollouts.completion_mask.sum()), **stats}
         except torch.OutOfMemoryError:
-            if batch is not None and batch.stepped:  # its state is allocated on the first step; later epochs repeat
+            if phase == "policy" and batch.stepped:  # its state is allocated on the first step; later epochs repeat
                 raise UserError("out of GPU memory after the optimiser began to update the weights: a redo would "
                                 "apply the update twice, and smaller micro-batches would not shrink the optimiser's "
                                 "state. The last checkpoint is intact: free memory or use a smaller model, then "
                                 "--resume") from None
+            memory_ooms += phase == "memory"
+            if memory_ooms > 1:  # one redo frees the kept graph; after that micro-batches do not shrink this update
+                raise UserError("out of GPU memory in the memory network's update, which smaller micro-batches do "
+                                "not shrink: lower --mem-window or --mem-width") from None
             size = len(queries) * cfg.group_size
             if (cfg.micro_batch or size) <= 1:
                 raise
@@ -2187,7 +2193,8 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
             args = trl.GRPOConfig(
                 output_dir=tmp, per_device_train_batch_size=cfg.queries_per_step * cfg.group_size, num_generations=cfg.group_size,
                 max_completion_length=cfg.max_new_tokens, num_iterations=1, beta=0.0, learning_rate=cfg.lr, max_steps=steps + 2,
-                temperature=cfg.temperature, use_cpu=device.type == "cpu", bf16=False, gradient_checkpointing=False,
+                temperature=cfg.temperature, use_cpu=device.type == "cpu", bf16=amp_dtype(device) is not None,
+                gradient_checkpointing=False,
                 logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed + r,
                 model_init_kwargs={"attn_implementation": attention_for(cfg)})  # the same attention kernels as ours
             trainer = trl.GRPOTrainer(model=str(base_path), reward_funcs=reward, args=args, train_dataset=datasets.Dataset.from_list(rows),

@@ -501,6 +501,32 @@ def test_dlc_moves_mass_only_among_plausible_tokens():
         assert (q - policy).abs().max() > 0.1  # and inside the plausible set, the memory does move the shares
 
 
+def test_dlc_edge_cases_stay_finite_and_mu_zero_is_the_policy():
+    policy = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.5, -3.0]]), -1)
+    memory = torch.tensor([[-math.inf, -0.1, -3.0, -3.0]])  # a saturated memory
+    for mu in (0.0, 1.5):
+        q = rlvr.dlc_calibrate(policy, memory, mu, min_p=0.05)
+        assert torch.isfinite(q).all() and torch.allclose(q.exp().sum(-1), torch.ones(1))
+    assert torch.equal(rlvr.dlc_calibrate(policy, memory, 0.0, min_p=0.05), policy)
+
+
+def test_group_noise_depends_on_the_group_not_on_the_split():
+    cpu = torch.device("cpu")
+    whole = torch.stack([n(5) for n in [rlvr.GroupNoise(7, 0, 14, 4, cpu)] for _ in range(3)])  # 14 rows, G = 4
+    for chunk in (1, 3, 5, 13):
+        noises = [rlvr.GroupNoise(7, i, min(chunk, 14 - i), 4, cpu) for i in range(0, 14, chunk)]
+        assert torch.equal(torch.stack([torch.cat([n(5) for n in noises]) for _ in range(3)]), whole)
+    assert [g for g, _ in rlvr.GroupNoise(7, 5, 2, 4, cpu).streams] == [1]  # rows 5-6: only group 1's stream
+
+
+def test_bf16_autocast_only_where_the_gpu_has_it(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for capability, expected in (((7, 5), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert rlvr.amp_dtype(cuda) == expected  # a T4 (7.5) would only emulate bf16, slowly: fp32 there
+    assert rlvr.amp_dtype(torch.device("cpu")) is None
+
+
 def test_dlc_loop_converges_to_a_tempered_policy():
     """Sample from q, fit the memory to the samples, recompute q: the loop lands on q ~ pi^(1/(1+mu)) (plausible set)."""
     pi = torch.log_softmax(torch.tensor([3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -4, -5, -6, -7]), -1)
@@ -576,6 +602,12 @@ def test_iac_never_pushes_a_solved_group_down(estimator, shaping):
     cfg = rlvr.Config(method=f"{estimator}+{shaping}+iac")
     adv = rlvr.compute_advantages(cfg, rewards, seq_logp, counts)
     assert torch.equal(adv[0], torch.zeros(8))  # 0 failures: no push at all, neither up nor down
+    identity = rlvr.compute_advantages(rlvr.Config(method=f"{estimator}+{shaping}+iac", iac_alpha=0.0), rewards,
+                                       seq_logp, counts)
+    plain_all = rlvr.compute_advantages(rlvr.Config(method=f"{estimator}+{shaping}"), rewards, seq_logp, counts)
+    assert torch.equal(identity, plain_all)  # alpha = 0: IAC is the identity, solved groups included
+    flat = rlvr.inverse_success_calibration_flat(plain_all.view(-1), rewards.view(-1), [0] * 8 + [1] * 8, alpha=0.0)
+    assert torch.equal(flat, plain_all.view(-1))
     plain = rlvr.compute_advantages(rlvr.Config(method=f"{estimator}+{shaping}"), rewards, seq_logp, counts)
     success = (plain[1] > 0) & (rewards[1] > 0)
     assert success.any() and torch.allclose(adv[1][success], plain[1][success] * 2)  # 2 failures: successes x2
@@ -653,6 +685,25 @@ def test_out_of_memory_before_the_update_redoes_the_step_exactly(tmp_path, task_
     assert len(failed[2].window) == len(clean[2].window) == 2
     for a, b in zip(clean[2].net.parameters(), failed[2].net.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_out_of_memory_in_the_memory_update_twice_stops_with_a_message(tmp_path, task_dir, tokenizer, warm_model,
+                                                                       monkeypatch):
+    model, train = warm_model
+    cfg = tiny_cfg(tmp_path, task_dir, group_size=8, method="iac+dlc")
+    memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), cfg, torch.device("cpu"))
+    calls = {"n": 0}
+
+    def no_memory(*args, **kw):
+        calls["n"] += 1
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(rlvr.Memory, "update", no_memory)
+    policy = copy.deepcopy(model)
+    with pytest.raises(rlvr.UserError, match="--mem-window"):
+        rlvr.rl_step(cfg, policy, tokenizer, torch.optim.AdamW(policy.parameters()), train, list(range(len(train))),
+                     torch.Generator().manual_seed(0), memory=memory)
+    assert calls["n"] == 2  # one redo (which drops the kept graph), not a halving down to one row
 
 
 @pytest.mark.parametrize("inject", [("completion_logprobs", 2), ("step", 1)])  # the second PPO epoch; inside AdamW
