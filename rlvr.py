@@ -32,7 +32,7 @@ Departures from the textbook, each with its reason
   * Log-probs in the loss (old, new and the KL reference's) are taken at the sampling temperature, as TRL and
     verl do: the ratio then compares the policy with the distribution that really drew the samples.
   * fp32 master weights everywhere, bf16 autocast for the forward passes on GPUs (a bf16 weight cannot hold
-    a step of lr 1e-6). `--micro-batch` changes memory use only: every chunk draws the same noise.
+    a step of lr 1e-6). `--micro-batch` changes memory use only: each group draws from its own noise stream.
 
 The paper's fixes (arXiv 2601.15609) and what we chose where it is silent
   * IAC: the successes' advantages x (G - #correct)^alpha, after any base estimator (`inverse_success_calibration`).
