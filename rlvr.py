@@ -70,6 +70,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -263,16 +264,9 @@ def autocast(device: torch.device):
 
 
 def _cache_kwarg(model) -> str:
-    # transformers 5 renamed past_key_values -> cache; accept either so the file runs on both
+    # renamed within transformers 5 (5.0: past_key_values; later 5.x: cache); every 5.x is allowed
     params = inspect.signature(model.base_model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-def _new_cache(model):
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,12 +320,32 @@ def enumerate_countdown(task: dict) -> list[str]:
     return sorted(sols)
 
 
-# A task type is a verifier plus an enumerator of its correct completions; add yours here.
-# word_problem: a story around a countdown query, for real language models (answer: one expression).
+@dataclass(frozen=True)
+class TaskType:
+    """A task type: its verifier, the enumerator of its correct completions, the fields (and their types) a task
+    record needs, and an optional check of their values that returns an error message or None."""
+    verify: Callable[[dict, str], float]
+    enumerate: Callable[[dict], list[str]]
+    fields: dict
+    check: Callable[[dict], str | None] = lambda task: None
+
+
+def _check_terms(task: dict) -> str | None:
+    return None if 1 <= task["terms"] <= 6 else f"'terms' must be 1..6 (9^terms answers are enumerated), got {task['terms']}"
+
+
+def _check_numbers(task: dict) -> str | None:
+    ok = 1 <= len(task["numbers"]) <= 5 and all(isinstance(n, int) and 0 <= n < 1000 for n in task["numbers"])
+    return None if ok else f"'numbers' must be 1..5 integers in 0..999, got {task['numbers']!r}"
+
+
+# Add yours here. word_problem: a story around a countdown query, for real language models (answer: one expression).
 TASK_TYPES = {
-    "digit_sum": (verify_digit_sum, enumerate_digit_sum),
-    "countdown": (verify_countdown, enumerate_countdown),
-    "word_problem": (verify_countdown, enumerate_countdown),
+    "digit_sum": TaskType(verify_digit_sum, enumerate_digit_sum, {"prompt": str, "terms": int, "target": int}, _check_terms),
+    "countdown": TaskType(verify_countdown, enumerate_countdown, {"prompt": str, "numbers": list, "target": int},
+                          _check_numbers),
+    "word_problem": TaskType(verify_countdown, enumerate_countdown, {"prompt": str, "numbers": list, "target": int},
+                             _check_numbers),
 }
 
 
@@ -367,14 +381,14 @@ def verify(task: dict, completion: str) -> float:
         answer = extract_answer(completion)
         if len(answer) > MAX_ANSWER_CHARS:
             return 0.0
-        return TASK_TYPES[task["type"]][0](task, answer)
+        return TASK_TYPES[task["type"]].verify(task, answer)
     except Exception:  # a malformed task record is reported when loading; here only model text arrives
         return 0.0
 
 
 def enumerate_solutions(task: dict) -> list[str]:
     """Every correct completion of `task`, in canonical form, sorted."""
-    return TASK_TYPES[task["type"]][1](task)
+    return TASK_TYPES[task["type"]].enumerate(task)
 
 
 WORD_TEMPLATES = [  # (story, the answer's value from the numbers a, b, c)
@@ -452,27 +466,20 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line on stderr, exit code 2, no traceback."""
 
 
-# the fields each task type needs, with their types; enumerate_solutions must also find at least one answer
-TASK_FIELDS = {"digit_sum": {"prompt": str, "terms": int, "target": int},
-               "countdown": {"prompt": str, "numbers": list, "target": int},
-               "word_problem": {"prompt": str, "numbers": list, "target": int}}
-
-
 def check_task(task, where: str) -> None:
     if not isinstance(task, dict):
         raise UserError(f"{where}: a task must be a JSON object, got {type(task).__name__}")
     kind = task.get("type")
     if kind not in TASK_TYPES:
         raise UserError(f"{where}: unknown task type {kind!r} (known: {', '.join(TASK_TYPES)})")
-    for name, typ in TASK_FIELDS.get(kind, {"prompt": str}).items():
+    for name, typ in {"prompt": str, **TASK_TYPES[kind].fields}.items():
         if name not in task:
             raise UserError(f"{where}: {kind} task is missing field {name!r}")
         if not isinstance(task[name], typ) or isinstance(task[name], bool):
             raise UserError(f"{where}: field {name!r} must be {typ.__name__}, got {task[name]!r}")
-    if kind == "digit_sum" and not 1 <= task["terms"] <= 6:
-        raise UserError(f"{where}: 'terms' must be 1..6 (9^terms answers are enumerated), got {task['terms']}")
-    if kind in ("countdown", "word_problem") and not (1 <= len(task["numbers"]) <= 5 and all(isinstance(n, int) and 0 <= n < 1000 for n in task["numbers"])):
-        raise UserError(f"{where}: 'numbers' must be 1..5 integers in 0..999, got {task['numbers']!r}")
+    problem = TASK_TYPES[kind].check(task)
+    if problem:
+        raise UserError(f"{where}: {problem}")
     if not task["prompt"]:
         raise UserError(f"{where}: empty prompt")
     if not enumerate_solutions(task):
@@ -611,7 +618,7 @@ def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator
     ids, prompt_mask = pad_left(prompt_ids, pad, device)
     B, P = ids.shape
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)  # grows by slicing, not by cat
-    cache = _new_cache(model)
+    cache = DynamicCache(config=model.config)
     pos = positions(prompt_mask)
     # a group repeats its prompt G times: run each distinct prompt once, then copy its KV cache to every row
     first_row: dict[tuple, int] = {}  # distinct prompt -> the row where it first appears
@@ -813,8 +820,10 @@ def fgrpo_scale(advantages: torch.Tensor, rewards: torch.Tensor, gamma: float = 
     return advantages * (1 - p_hat) ** gamma
 
 
-ADVANTAGES = {"grpo": grpo_advantages, "drgrpo": drgrpo_advantages, "rloo": rloo_advantages,
-              "passk": passk_advantages, "wreinforce": w_reinforce_advantages}
+# the base estimators: (rewards [Q, G], cfg) -> advantages [Q, G]
+ADVANTAGES = {"grpo": lambda r, cfg: grpo_advantages(r), "drgrpo": lambda r, cfg: drgrpo_advantages(r),
+              "rloo": lambda r, cfg: rloo_advantages(r), "passk": lambda r, cfg: passk_advantages(r, cfg.passk_k),
+              "wreinforce": lambda r, cfg: w_reinforce_advantages(r, cfg.wreinforce_weight)}
 
 
 def inverse_success_calibration(advantages: torch.Tensor, rewards: torch.Tensor, alpha: float = 1.0,
@@ -1204,12 +1213,7 @@ def compute_advantages(cfg: Config, rewards: torch.Tensor, seq_logp: torch.Tenso
         shaped = unlikeliness_rewards(shaped, seq_logp, cfg.unlikely_beta)
     if "count" in parts:
         shaped = count_bonus_rewards(shaped, counts, cfg.count_c)
-    if estimator == "passk":
-        advantages = passk_advantages(shaped, cfg.passk_k)
-    elif estimator == "wreinforce":
-        advantages = w_reinforce_advantages(shaped, cfg.wreinforce_weight)
-    else:
-        advantages = ADVANTAGES[estimator](shaped)
+    advantages = ADVANTAGES[estimator](shaped, cfg)
     if "fgrpo" in parts:
         advantages = fgrpo_scale(advantages, rewards, cfg.fgrpo_gamma)
     if "iac" in parts:  # |S+| counts verified successes, whatever shaping did to their reward

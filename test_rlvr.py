@@ -91,6 +91,19 @@ def test_enumerate_solutions_is_exactly_the_verified_set(task):
     assert accepted == sorted(sols)
 
 
+def test_adding_a_task_type_as_the_readme_shows(tmp_path, monkeypatch):
+    monkeypatch.setitem(rlvr.TASK_TYPES, "reverse", rlvr.TaskType(lambda task, c: float(c == str(task["n"])[::-1]),
+                                                                  lambda task: [str(task["n"])[::-1]],
+                                                                  fields={"prompt": str, "n": int}))
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text('{"id": "rev-123", "type": "reverse", "prompt": "rev 123:", "n": 123}\n')
+    task = rlvr.load_tasks(tmp_path, "train")[0]
+    assert rlvr.verify(task, "321") == 1.0 and rlvr.verify(task, "123") == 0.0 and rlvr.enumerate_solutions(task) == ["321"]
+    (tmp_path / "train.jsonl").write_text('{"type": "reverse", "prompt": "rev:", "n": "123"}\n')
+    with pytest.raises(rlvr.UserError, match="field 'n' must be int"):
+        rlvr.load_tasks(tmp_path, "train")
+
+
 def test_digit_sum_count_matches_combinatorics():
     # ordered triples of digits 1-9 summing to 15: C(14, 2) compositions minus 3 * C(5, 2) with a part >= 10
     assert len(rlvr.enumerate_solutions(SUM)) == math.comb(14, 2) - 3 * math.comb(5, 2) == 61
@@ -442,7 +455,7 @@ def test_vectorised_estimators_match_loops(name):
             adv = rlvr.grpo_advantages(rewards)
             fast, kw = rlvr.inverse_success_calibration(adv, rewards, alpha=0.7), {"adv": adv, "alpha": 0.7}
         else:
-            fast, kw = rlvr.ADVANTAGES[name](rewards), {}
+            fast, kw = rlvr.ADVANTAGES[name](rewards, rlvr.Config()), {}
         assert not torch.isnan(fast).any()
         assert torch.allclose(fast, _loop_reference(name, rewards, **kw), atol=1e-5), (name, G)
 
