@@ -88,6 +88,11 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
+# ==============================================================================================
+# PART 1: THE ALGORITHM
+# Read it top to bottom, in the order the data flows; this is the part to edit to change RLVR itself.
+# ==============================================================================================
+
 # ----------------------------------------------------------------------------------------------
 # Config: every knob, one line of help each
 # ----------------------------------------------------------------------------------------------
@@ -150,26 +155,6 @@ class Config:
     eval_batch: int = field(default=2048, metadata={"help": "sequences per batched evaluation call"})
 
 
-def config_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"rlvr.py {prog}".strip())
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
-    return parser
-
-
-def config_from(args: argparse.Namespace) -> Config:
-    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
-
-
-def parse_config(argv: list[str] | None = None, prog: str = "train") -> Config:
-    return config_from(config_parser(prog).parse_args(argv))
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,7 +164,6 @@ def pick_device(name: str) -> torch.device:
 def set_threads(cfg: Config) -> None:
     n = cfg.threads or min(4, os.cpu_count() or 1)
     torch.set_num_threads(n)
-
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and policy: a real transformers causal LM with a one-character-per-token tokenizer
@@ -268,12 +252,15 @@ def _cache_kwarg(model) -> str:
     params = inspect.signature(model.base_model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
-
 # ----------------------------------------------------------------------------------------------
 # Tasks and verifiers: every query has many correct completions, all of them enumerable
 # ----------------------------------------------------------------------------------------------
 MAX_ANSWER_CHARS = 64  # anything longer is wrong without being parsed: verifiers stay O(1) on any input
+
+
 _DIGIT_SUM = re.compile(r"[1-9](?:\+[1-9])*")
+
+
 _EXPR = re.compile(r"[0-9]{1,3}(?:[+\-*][0-9]{1,3})*")
 
 
@@ -350,6 +337,8 @@ TASK_TYPES = {
 
 
 _BOXED = "\\boxed{"
+
+
 _LABEL = re.compile(r"^[A-Za-z][A-Za-z ]{0,24}:")
 
 
@@ -391,131 +380,6 @@ def enumerate_solutions(task: dict) -> list[str]:
     return TASK_TYPES[task["type"]].enumerate(task)
 
 
-WORD_TEMPLATES = [  # (story, the answer's value from the numbers a, b, c)
-    ("{name} has {a} bags with {b} {item} in each bag and finds {c} more {item}.", lambda a, b, c: a * b + c),
-    ("{name} buys {a} packs of {b} {item} and gives {c} {item} away.", lambda a, b, c: a * b - c),
-    ("{name} has {a} {item}, gets {b} more, and later {c} more.", lambda a, b, c: a + b + c),
-    ("{a} friends each bring {b} {item} to {name}'s party, and {c} {item} get lost.", lambda a, b, c: a * b - c),
-    ("{name} collects {b} {item} a day for {a} days, then {c} more on the last evening.", lambda a, b, c: a * b + c),
-]
-NAMES, ITEMS = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"], ["apples", "pencils", "stickers", "marbles", "cookies"]
-
-
-def make_word_problems(rng: random.Random, n: int) -> list[dict]:
-    """Stories whose answer is an expression over their three numbers: several orders are correct, all enumerable."""
-    tasks, seen = [], set()
-    while len(tasks) < n:
-        story, value = rng.choice(WORD_TEMPLATES)
-        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
-        text = story.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b, c=c)
-        if text in seen:
-            continue
-        seen.add(text)
-        prompt = (f"{text} Write one arithmetic expression that uses each of the numbers {a}, {b} and {c} exactly once, "
-                  f"with only +, - and * and no brackets, whose value is how many there are at the end. "
-                  f"Put the expression alone on the last line.")
-        task = {"id": f"wp-{len(tasks)}", "type": "word_problem", "prompt": prompt, "numbers": [a, b, c], "target": value(a, b, c)}
-        task["num_solutions"] = len(enumerate_countdown(task))
-        tasks.append(task)
-    return tasks
-
-
-def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] = (48, 160, 48)) -> dict[str, int]:
-    """Deterministically write train/val/test.jsonl: digit sums (split by target) and countdown (split by query)."""
-    rng = random.Random(seed)
-    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    # digit_sum, 3 terms: targets 4..26 all have >= 3 ordered solutions (15 has 73); held-out targets interleave
-    test_t, val_t = {6, 11, 16, 21, 26}, {8, 13, 19, 24}
-    for t in range(4, 27):
-        task = {"id": f"sum3-{t}", "type": "digit_sum", "prompt": f"sum3={t}:", "terms": 3, "target": t}
-        task["num_solutions"] = len(enumerate_digit_sum(task))
-        splits["test" if t in test_t else "val" if t in val_t else "train"].append(task)
-    # countdown with three digits 1-9: every query reachable in >= 4 distinct ways
-    pool = []
-    for nums in itertools.combinations_with_replacement(range(1, 10), 3):
-        for target in range(1, 100):
-            task = {"id": f"cd-{''.join(map(str, nums))}-{target}", "type": "countdown",
-                    "prompt": f"{','.join(map(str, nums))}->{target}:", "numbers": list(nums), "target": target}
-            n = len(enumerate_countdown(task))
-            if n >= 4:
-                task["num_solutions"] = n
-                pool.append(task)
-    rng.shuffle(pool)
-    # validation: up to 40 queries between train and test, any further ones after the test block, so that
-    # the size of the validation split (which only tunes settings) never moves a train or test query
-    n_train, n_val, n_test = countdown
-    first_val = min(n_val, 40)
-    test_start = n_train + 40
-    splits["train"] += pool[:n_train]
-    splits["val"] += pool[n_train:n_train + first_val] + pool[test_start + n_test:test_start + n_test + n_val - first_val]
-    splits["test"] += pool[test_start:test_start + n_test]
-    # word problems for real language models (--model), in their own folder: toy_tasks/word_problems
-    words = make_word_problems(rng, 100)
-    word_splits = {"train": words[:60], "val": words[60:80], "test": words[80:]}
-    out = Path(out)
-    for folder, split_tasks in ((out, splits), (out / "word_problems", word_splits)):
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, tasks in split_tasks.items():
-            with open(folder / f"{name}.jsonl", "w") as f:
-                for task in tasks:
-                    f.write(json.dumps(task) + "\n")
-    return {name: len(tasks) for name, tasks in splits.items()} | {f"word_problems/{k}": len(v) for k, v in word_splits.items()}
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line on stderr, exit code 2, no traceback."""
-
-
-def check_task(task, where: str) -> None:
-    if not isinstance(task, dict):
-        raise UserError(f"{where}: a task must be a JSON object, got {type(task).__name__}")
-    kind = task.get("type")
-    if kind not in TASK_TYPES:
-        raise UserError(f"{where}: unknown task type {kind!r} (known: {', '.join(TASK_TYPES)})")
-    for name, typ in {"prompt": str, **TASK_TYPES[kind].fields}.items():
-        if name not in task:
-            raise UserError(f"{where}: {kind} task is missing field {name!r}")
-        if not isinstance(task[name], typ) or isinstance(task[name], bool):
-            raise UserError(f"{where}: field {name!r} must be {typ.__name__}, got {task[name]!r}")
-    problem = TASK_TYPES[kind].check(task)
-    if problem:
-        raise UserError(f"{where}: {problem}")
-    if not task["prompt"]:
-        raise UserError(f"{where}: empty prompt")
-    if not enumerate_solutions(task):
-        raise UserError(f"{where}: task {task.get('id', task['prompt'])!r} has no correct answer")
-
-
-def load_tasks(folder: str | Path, split: str) -> list[dict]:
-    """Read and check one split; any problem ends with a message naming the file and line."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"task folder {str(folder)!r} not found (make one with: python rlvr.py make-tasks --out {folder})")
-    path = folder / f"{split}.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: missing (a task folder needs train.jsonl, val.jsonl and test.jsonl)")
-    tasks = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                task = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            check_task(task, f"{path}:{lineno}")
-            tasks.append(task)
-    if not tasks:
-        raise UserError(f"{path}: no tasks in file")
-    return tasks
-
-
-def check_overlap(splits: dict[str, list[dict]]) -> list[str]:
-    """Prompts that appear in the training split and in a held-out one (held-out numbers would then be train numbers)."""
-    train = {t["prompt"] for t in splits.get("train", [])}
-    return sorted({f"{name}: {t['prompt']!r}" for name, ts in splits.items() if name != "train" for t in ts if t["prompt"] in train})
-
-
 @dataclass
 class TaskSet:
     """Tasks of one split with their tokenised prompts and (lazily) their enumerated solutions."""
@@ -535,7 +399,6 @@ class TaskSet:
 
     def __len__(self) -> int:
         return len(self.tasks)
-
 
 # ----------------------------------------------------------------------------------------------
 # Sampling: all prompts x group_size completions in one batched KV-cache decode
@@ -690,7 +553,6 @@ def rewards_for(tasks: list[dict], rollouts: Rollouts) -> torch.Tensor:
     r = [verify(task, text) if fin else 0.0 for task, text, fin in zip(tasks, rollouts.texts, rollouts.finished.tolist())]
     return torch.tensor(r, dtype=torch.float32)
 
-
 # ----------------------------------------------------------------------------------------------
 # Log-probabilities of completions: one forward, logits only at completion positions
 # ----------------------------------------------------------------------------------------------
@@ -721,9 +583,8 @@ def sequence_logprobs(model, tokenizer, prompt_ids: list[list[int]], completions
         out.append((logp * r.completion_mask).sum(1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
-
 # ----------------------------------------------------------------------------------------------
-# Advantages: from group rewards [num_queries, group_size] to one scalar per completion
+# Advantages: GRPO and the paper's inverse-success calibration (IAC); the other estimators are in Part 2
 # ----------------------------------------------------------------------------------------------
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """GRPO (arXiv 2402.03300): A = (r - mean_group) / (std_group + eps). All-equal groups give exactly 0.
@@ -735,95 +596,6 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True)  # unbiased, as TRL
     return (rewards - mean) / (std + eps)
-
-
-def drgrpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """Dr. GRPO (Understanding R1-Zero-Like Training, arXiv 2503.20783): A = r - mean_group, no std division.
-
-    Its other half, a constant loss normaliser instead of per-sequence length, lives in `ppo_clip_loss(norm=...)`.
-    """
-    return rewards - rewards.mean(dim=1, keepdim=True)
-
-
-def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """RLOO (Back to Basics: REINFORCE-style optimisation, arXiv 2402.14740): A_i = r_i - mean_{j != i} r_j."""
-    G = rewards.shape[1]
-    return (rewards * G - rewards.sum(dim=1, keepdim=True)) / (G - 1)
-
-
-def passk_advantages(rewards: torch.Tensor, k: int = 4) -> torch.Tensor:
-    """Pass@k training (arXiv 2508.10751), analytic group advantages for the reward "best of k samples".
-
-    Rbar = 1 - C(G-c, k) / C(G, k), s = sqrt(Rbar (1 - Rbar)); correct: A+ = (1 - Rbar) / s;
-    wrong: A- = (1 - Rbar - C(G-c-1, k-1) / C(G-1, k-1)) / s. A wrong sample is punished only as much as
-    it lowers the chance that a k-subset containing it holds a success. Groups with s = 0 get 0.
-    """
-    G = rewards.shape[1]
-    k = min(k, G)
-    c = (rewards > 0).sum(dim=1).tolist()
-    out = torch.zeros_like(rewards)
-    for q, cq in enumerate(c):
-        rbar = 1 - math.comb(G - cq, k) / math.comb(G, k)
-        s = math.sqrt(rbar * (1 - rbar))
-        if s == 0:
-            continue
-        a_pos = (1 - rbar) / s
-        a_neg = (1 - rbar - math.comb(G - cq - 1, k - 1) / math.comb(G - 1, k - 1)) / s
-        out[q] = torch.where(rewards[q] > 0, a_pos, a_neg)
-    return out
-
-
-def w_reinforce_advantages(rewards: torch.Tensor, weight: float = 0.1) -> torch.Tensor:
-    """W-REINFORCE (The Surprising Effectiveness of Negative Reinforcement, arXiv 2506.01347): A = +weight if correct, -1 if wrong."""
-    return torch.where(rewards > 0, torch.full_like(rewards, weight), torch.full_like(rewards, -1.0))
-
-
-def unlikeliness_rewards(rewards: torch.Tensor, seq_logp: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
-    """Unlikeliness reward (He et al., arXiv 2506.02355): r~ = r (1 - beta * rank / G) among the correct samples.
-
-    rank orders a group's correct samples by sequence log-prob, 0 for the least likely, so the policy's
-    most likely correct completion gets the largest cut and rare correct ones keep their full reward.
-    rewards, seq_logp: [num_queries, G].
-    """
-    G = rewards.shape[1]
-    masked = torch.where(rewards > 0, seq_logp, torch.full_like(seq_logp, -float("inf")))
-    # rank among correct samples = number of correct samples in the group with a lower log-prob
-    lower = (masked.unsqueeze(2) > masked.unsqueeze(1)) & (rewards > 0).unsqueeze(1)  # [Q, i, j]: j correct and below i
-    rank = lower.sum(dim=2).to(rewards.dtype)
-    return torch.where(rewards > 0, rewards * (1 - beta * rank / G), rewards)
-
-
-def count_bonus_rewards(rewards: torch.Tensor, counts: torch.Tensor, c_ucb: float = 0.5) -> torch.Tensor:
-    """Outcome-count bonus (Outcome-based Exploration, Song et al., arXiv 2509.06941): r + c * min(1, 1/sqrt(N(q, o))).
-
-    counts: N(q, o), how often this completion was seen for this query so far (this sample included).
-    Project's choice: the bonus goes to correct completions only; on toy tasks every garbage string is a
-    fresh outcome, so a bonus on wrong ones would pay the policy for inventing garbage.
-    """
-    bonus = c_ucb * torch.clamp(1 / counts.clamp(min=1).sqrt(), max=1.0)
-    return torch.where(rewards > 0, rewards + bonus, rewards)
-
-
-def count_outcomes(counts: dict, keys: list[tuple[str, str]]) -> tuple[list[int], dict]:
-    """N(q, o) for each of this batch's (query id, completion) pairs, this batch included, and the updated counts.
-    `counts` itself is left alone: the step commits the update once it has succeeded (an out-of-memory redo
-    must not count the same rollouts twice)."""
-    updated: dict = {}
-    for key in keys:
-        updated[key] = updated.get(key, counts.get(key, 0)) + 1
-    return [updated[key] for key in keys], updated
-
-
-def fgrpo_scale(advantages: torch.Tensor, rewards: torch.Tensor, gamma: float = 0.5) -> torch.Tensor:
-    """F-GRPO-style difficulty scaling (arXiv 2602.06717): A * (1 - p_hat)^gamma with p_hat the group's success rate."""
-    p_hat = (rewards > 0).float().mean(dim=1, keepdim=True)
-    return advantages * (1 - p_hat) ** gamma
-
-
-# the base estimators: (rewards [Q, G], cfg) -> advantages [Q, G]
-ADVANTAGES = {"grpo": lambda r, cfg: grpo_advantages(r), "drgrpo": lambda r, cfg: drgrpo_advantages(r),
-              "rloo": lambda r, cfg: rloo_advantages(r), "passk": lambda r, cfg: passk_advantages(r, cfg.passk_k),
-              "wreinforce": lambda r, cfg: w_reinforce_advantages(r, cfg.wreinforce_weight)}
 
 
 def inverse_success_calibration(advantages: torch.Tensor, rewards: torch.Tensor, alpha: float = 1.0,
@@ -849,27 +621,6 @@ def inverse_success_calibration(advantages: torch.Tensor, rewards: torch.Tensor,
     if renorm and calibrated.abs().sum() > 0:
         calibrated = calibrated * (advantages.abs().sum() / calibrated.abs().sum())
     return calibrated
-
-
-def group_index(group_ids) -> torch.Tensor:
-    """Any per-sample group labels (ints, strings, a numpy array of uids) -> dense ids 0..num_groups-1."""
-    labels = group_ids.tolist() if hasattr(group_ids, "tolist") else list(group_ids)
-    dense: dict = {}
-    return torch.tensor([dense.setdefault(x, len(dense)) for x in labels], dtype=torch.long)
-
-
-def inverse_success_calibration_flat(advantages: torch.Tensor, rewards: torch.Tensor, group_ids, alpha: float = 1.0) -> torch.Tensor:
-    """IAC on flat [N] tensors plus a group label per sample (the layout of verl and TRL; groups may differ in size).
-
-    Same rule as `inverse_success_calibration`: successes x (group size - group's correct count)^alpha.
-    """
-    ids = group_index(group_ids).to(advantages.device)
-    size = torch.bincount(ids).to(advantages.dtype)
-    correct = torch.bincount(ids, weights=(rewards > 0).to(advantages.dtype))
-    factor = (size - correct)[ids] ** alpha
-    calibrated = torch.where((advantages > 0) & (rewards > 0), advantages * factor, advantages)
-    return torch.where(factor == 0, 0.0, calibrated)
-
 
 # ----------------------------------------------------------------------------------------------
 # Distribution-level calibration (DLC): a memory network of what the policy already sampled
@@ -965,38 +716,6 @@ class Memory:
         self.opt.load_state_dict(state["opt"])
         self.window = state["window"]
 
-
-# ----------------------------------------------------------------------------------------------
-# Methods: a base estimator plus optional calibrations, e.g. "grpo", "iac" (= grpo+iac), "iac+dlc"
-# ----------------------------------------------------------------------------------------------
-# Every other part of a method name: reward shaping, advantage scaling, the sampler, extra loss terms.
-MODIFIERS = {
-    "iac": "inverse-success advantage calibration (this paper)",
-    "dlc": "distribution-level calibration: memory-steered sampling (this paper)",
-    "unlikely": "unlikeliness reward", "count": "outcome-count bonus", "fgrpo": "F-GRPO difficulty scaling",
-    "entropy": "entropy bonus", "kl": "k3 KL penalty to the base", "cliphigher": "DAPO clip-higher",
-}
-
-
-# estimators that read only whether a sample is correct: a reward shaping would change nothing, so it is refused
-BINARY_ESTIMATORS, SHAPINGS = {"passk", "wreinforce"}, {"unlikely", "count"}
-
-
-def parse_method(method: str) -> tuple[str, set[str]]:
-    """'iac+dlc' -> ('grpo', {'iac', 'dlc'}); 'rloo+entropy' -> ('rloo', {'entropy'}). The estimator defaults to GRPO."""
-    parts = [p.strip() for p in method.lower().split("+") if p.strip()]
-    bases = [p for p in parts if p in ADVANTAGES]
-    unknown = [p for p in parts if p not in ADVANTAGES and p not in MODIFIERS]
-    if unknown or len(bases) > 1 or not parts or len(set(parts)) < len(parts):
-        raise ValueError(f"unknown method {method!r}: at most one of {'/'.join(ADVANTAGES)} joined by '+' with any of "
-                         f"{'/'.join(MODIFIERS)}, e.g. 'grpo', 'iac+dlc', 'rloo+iac'")
-    estimator = bases[0] if bases else "grpo"
-    if estimator in BINARY_ESTIMATORS and SHAPINGS & set(parts):
-        raise ValueError(f"method {method!r}: {estimator} reads only whether a sample is correct, so "
-                         f"{'+'.join(sorted(SHAPINGS & set(parts)))} would change nothing; use it with grpo, drgrpo or rloo")
-    return estimator, set(parts) - set(bases)
-
-
 # ----------------------------------------------------------------------------------------------
 # The update: token-level PPO-clip loss with optional k3 KL to the base
 # ----------------------------------------------------------------------------------------------
@@ -1031,7 +750,6 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     if entropy is not None and entropy_coef:
         loss = loss - entropy_coef * (entropy * mask).sum() / denom
     return loss, metrics
-
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation: pass@k, coverage, exact over-sharpened fraction, entropy
@@ -1116,7 +834,6 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
                "noncanonical": noncanonical / max(correct, 1)}
     return metrics, logprobs
 
-
 # ----------------------------------------------------------------------------------------------
 # Warm-start: supervised fine-tuning on uniformly sampled correct solutions -> the diverse base
 # ----------------------------------------------------------------------------------------------
@@ -1166,45 +883,9 @@ def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
     save_policy(model, tokenizer, path)
     return model, time.perf_counter() - t0, path
 
-
-def load_checkpoint(path: str | Path, cfg: Config, device: torch.device):
-    """Policy, tokenizer and (for DLC runs) the memory network with its optimizer and replay window."""
-    model, tokenizer = load_policy(path, device, attention_for(cfg))
-    memory = None
-    if (Path(path) / "memory.pt").exists():
-        memory = Memory(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg, device)
-        memory.load_state_dict(torch.load(Path(path) / "memory.pt", map_location=device, weights_only=False))
-    return model, tokenizer, memory
-
-
-def save_policy(model, tokenizer, path: Path, extra: dict[str, object] | None = None) -> None:
-    """Write a checkpoint atomically: to a temporary folder first, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for name, obj in (extra or {}).items():
-        torch.save(obj, tmp / name)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
-# The RL loop
+# The RL step and loop: collect rollouts, let the memory learn them, update the policy
 # ----------------------------------------------------------------------------------------------
-class JsonlLog:
-    """metrics.jsonl: one JSON object per line, appended and flushed as written."""
-
-    def __init__(self, path: Path):
-        self.f = open(path, "a")
-
-    def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-
-
 def compute_advantages(cfg: Config, rewards: torch.Tensor, seq_logp: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
     """Compose a method's parts in order: reward shaping -> base estimator -> advantage scaling. All [Q, G]."""
     estimator, parts = parse_method(cfg.method)
@@ -1401,73 +1082,6 @@ def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: li
                 torch.cuda.empty_cache()
 
 
-def validate_config(cfg: Config) -> None:
-    """Refuse impossible settings before any work starts."""
-    checks = [
-        (cfg.group_size >= 2, f"--group-size must be at least 2 (a group of one has no baseline), got {cfg.group_size}"),
-        (cfg.queries_per_step >= 1, f"--queries-per-step must be at least 1, got {cfg.queries_per_step}"),
-        (cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}"),
-        (cfg.lr > 0 and cfg.ws_lr > 0 and cfg.mem_lr > 0, "learning rates (--lr, --ws-lr, --mem-lr) must be positive"),
-        (cfg.eval_n >= 1, f"--eval-n must be at least 1, got {cfg.eval_n}"),
-        (1 <= cfg.passk_k <= cfg.group_size, f"--passk-k must be in 1..group size ({cfg.group_size}), got {cfg.passk_k}"),
-        (0 <= cfg.dlc_mu <= 2, f"--dlc-mu must be in [0, 2] (mu > 1 already samples against the policy's own ranking), got {cfg.dlc_mu}"),
-        (0 <= cfg.dlc_min_p < 1, f"--dlc-min-p must be in [0, 1), got {cfg.dlc_min_p}"),
-        (cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}"),
-        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}"),
-        (0 < cfg.clip_eps < 1 and cfg.clip_eps_high > 0, "--clip-eps must be in (0, 1) and --clip-eps-high positive"),
-        (cfg.ppo_epochs >= 1 and cfg.ws_steps >= 0 and cfg.ws_batch >= 1, "--ppo-epochs and --ws-batch must be >= 1, --ws-steps >= 0"),
-        (cfg.iac_alpha >= 0 and cfg.kl_coef >= 0 and cfg.entropy_coef >= 0, "--iac-alpha, --kl-coef and --entropy-coef must be >= 0"),
-        (cfg.mem_window >= 1 and cfg.mem_steps >= 1 and cfg.mem_width >= 1,
-         "--mem-window, --mem-steps and --mem-width must be >= 1 (with 0 memory steps DLC would sample the plain policy)"),
-        (cfg.eval_split in ("val", "test"), f"--eval-split must be val or test, got {cfg.eval_split!r}"),
-        (cfg.micro_batch >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0 and cfg.threads >= 0,
-         "--micro-batch, --eval-every, --save-every and --threads must be >= 0"),
-        (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    try:
-        _, parts = parse_method(cfg.method)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if "cliphigher" in parts and cfg.ppo_epochs == 1:
-        raise UserError("cliphigher acts only with --ppo-epochs > 1 (with one epoch the PPO ratio is exactly 1)")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it between steps, saves a checkpoint and exits. A second signal aborts."""
-
-    def __init__(self):
-        self.signum = 0
-
-    def __enter__(self):
-        import signal
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\nrlvr.py: signal {signum}: saving a checkpoint after this step...", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        import signal
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def save_state(out: Path, policy, tokenizer, opt, memory, state: dict) -> None:
-    """The checkpoint: policy and tokenizer (from_pretrained-ready), memory network, and everything to resume exactly."""
-    extra = {"trainer_state.pt": {**state, "optimizer": opt.state_dict()}}
-    if memory is not None:
-        extra["memory.pt"] = memory.state_dict()
-    save_policy(policy, tokenizer, out / "checkpoint", extra)
-
-
 def train(cfg: Config, resume: bool = False) -> dict:
     """Warm-start (or load) the base, run RL with the chosen method, evaluate, write summary.json.
 
@@ -1572,12 +1186,129 @@ def train(cfg: Config, resume: bool = False) -> dict:
     write_json(out / "summary.json", summary)
     return summary
 
+# ==============================================================================================
+# PART 2: THE OTHER PUBLISHED METHODS AND THE LESSONS
+# Small pure functions, each tested; add a method here and name it in ADVANTAGES or MODIFIERS.
+# ==============================================================================================
 
-def write_json(path: Path, obj) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------------------------
+# Competing estimators and reward shapings, and how a --method string names them
+# ----------------------------------------------------------------------------------------------
+def drgrpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO (Understanding R1-Zero-Like Training, arXiv 2503.20783): A = r - mean_group, no std division.
 
+    Its other half, a constant loss normaliser instead of per-sequence length, lives in `ppo_clip_loss(norm=...)`.
+    """
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO (Back to Basics: REINFORCE-style optimisation, arXiv 2402.14740): A_i = r_i - mean_{j != i} r_j."""
+    G = rewards.shape[1]
+    return (rewards * G - rewards.sum(dim=1, keepdim=True)) / (G - 1)
+
+
+def passk_advantages(rewards: torch.Tensor, k: int = 4) -> torch.Tensor:
+    """Pass@k training (arXiv 2508.10751), analytic group advantages for the reward "best of k samples".
+
+    Rbar = 1 - C(G-c, k) / C(G, k), s = sqrt(Rbar (1 - Rbar)); correct: A+ = (1 - Rbar) / s;
+    wrong: A- = (1 - Rbar - C(G-c-1, k-1) / C(G-1, k-1)) / s. A wrong sample is punished only as much as
+    it lowers the chance that a k-subset containing it holds a success. Groups with s = 0 get 0.
+    """
+    G = rewards.shape[1]
+    k = min(k, G)
+    c = (rewards > 0).sum(dim=1).tolist()
+    out = torch.zeros_like(rewards)
+    for q, cq in enumerate(c):
+        rbar = 1 - math.comb(G - cq, k) / math.comb(G, k)
+        s = math.sqrt(rbar * (1 - rbar))
+        if s == 0:
+            continue
+        a_pos = (1 - rbar) / s
+        a_neg = (1 - rbar - math.comb(G - cq - 1, k - 1) / math.comb(G - 1, k - 1)) / s
+        out[q] = torch.where(rewards[q] > 0, a_pos, a_neg)
+    return out
+
+
+def w_reinforce_advantages(rewards: torch.Tensor, weight: float = 0.1) -> torch.Tensor:
+    """W-REINFORCE (The Surprising Effectiveness of Negative Reinforcement, arXiv 2506.01347): A = +weight if correct, -1 if wrong."""
+    return torch.where(rewards > 0, torch.full_like(rewards, weight), torch.full_like(rewards, -1.0))
+
+
+def unlikeliness_rewards(rewards: torch.Tensor, seq_logp: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
+    """Unlikeliness reward (He et al., arXiv 2506.02355): r~ = r (1 - beta * rank / G) among the correct samples.
+
+    rank orders a group's correct samples by sequence log-prob, 0 for the least likely, so the policy's
+    most likely correct completion gets the largest cut and rare correct ones keep their full reward.
+    rewards, seq_logp: [num_queries, G].
+    """
+    G = rewards.shape[1]
+    masked = torch.where(rewards > 0, seq_logp, torch.full_like(seq_logp, -float("inf")))
+    # rank among correct samples = number of correct samples in the group with a lower log-prob
+    lower = (masked.unsqueeze(2) > masked.unsqueeze(1)) & (rewards > 0).unsqueeze(1)  # [Q, i, j]: j correct and below i
+    rank = lower.sum(dim=2).to(rewards.dtype)
+    return torch.where(rewards > 0, rewards * (1 - beta * rank / G), rewards)
+
+
+def count_bonus_rewards(rewards: torch.Tensor, counts: torch.Tensor, c_ucb: float = 0.5) -> torch.Tensor:
+    """Outcome-count bonus (Outcome-based Exploration, Song et al., arXiv 2509.06941): r + c * min(1, 1/sqrt(N(q, o))).
+
+    counts: N(q, o), how often this completion was seen for this query so far (this sample included).
+    Project's choice: the bonus goes to correct completions only; on toy tasks every garbage string is a
+    fresh outcome, so a bonus on wrong ones would pay the policy for inventing garbage.
+    """
+    bonus = c_ucb * torch.clamp(1 / counts.clamp(min=1).sqrt(), max=1.0)
+    return torch.where(rewards > 0, rewards + bonus, rewards)
+
+
+def count_outcomes(counts: dict, keys: list[tuple[str, str]]) -> tuple[list[int], dict]:
+    """N(q, o) for each of this batch's (query id, completion) pairs, this batch included, and the updated counts.
+    `counts` itself is left alone: the step commits the update once it has succeeded (an out-of-memory redo
+    must not count the same rollouts twice)."""
+    updated: dict = {}
+    for key in keys:
+        updated[key] = updated.get(key, counts.get(key, 0)) + 1
+    return [updated[key] for key in keys], updated
+
+
+def fgrpo_scale(advantages: torch.Tensor, rewards: torch.Tensor, gamma: float = 0.5) -> torch.Tensor:
+    """F-GRPO-style difficulty scaling (arXiv 2602.06717): A * (1 - p_hat)^gamma with p_hat the group's success rate."""
+    p_hat = (rewards > 0).float().mean(dim=1, keepdim=True)
+    return advantages * (1 - p_hat) ** gamma
+
+
+# the base estimators: (rewards [Q, G], cfg) -> advantages [Q, G]
+ADVANTAGES = {"grpo": lambda r, cfg: grpo_advantages(r), "drgrpo": lambda r, cfg: drgrpo_advantages(r),
+              "rloo": lambda r, cfg: rloo_advantages(r), "passk": lambda r, cfg: passk_advantages(r, cfg.passk_k),
+              "wreinforce": lambda r, cfg: w_reinforce_advantages(r, cfg.wreinforce_weight)}
+
+
+# Every other part of a method name: reward shaping, advantage scaling, the sampler, extra loss terms.
+MODIFIERS = {
+    "iac": "inverse-success advantage calibration (this paper)",
+    "dlc": "distribution-level calibration: memory-steered sampling (this paper)",
+    "unlikely": "unlikeliness reward", "count": "outcome-count bonus", "fgrpo": "F-GRPO difficulty scaling",
+    "entropy": "entropy bonus", "kl": "k3 KL penalty to the base", "cliphigher": "DAPO clip-higher",
+}
+
+
+# estimators that read only whether a sample is correct: a reward shaping would change nothing, so it is refused
+BINARY_ESTIMATORS, SHAPINGS = {"passk", "wreinforce"}, {"unlikely", "count"}
+
+
+def parse_method(method: str) -> tuple[str, set[str]]:
+    """'iac+dlc' -> ('grpo', {'iac', 'dlc'}); 'rloo+entropy' -> ('rloo', {'entropy'}). The estimator defaults to GRPO."""
+    parts = [p.strip() for p in method.lower().split("+") if p.strip()]
+    bases = [p for p in parts if p in ADVANTAGES]
+    unknown = [p for p in parts if p not in ADVANTAGES and p not in MODIFIERS]
+    if unknown or len(bases) > 1 or not parts or len(set(parts)) < len(parts):
+        raise ValueError(f"unknown method {method!r}: at most one of {'/'.join(ADVANTAGES)} joined by '+' with any of "
+                         f"{'/'.join(MODIFIERS)}, e.g. 'grpo', 'iac+dlc', 'rloo+iac'")
+    estimator = bases[0] if bases else "grpo"
+    if estimator in BINARY_ESTIMATORS and SHAPINGS & set(parts):
+        raise ValueError(f"method {method!r}: {estimator} reads only whether a sample is correct, so "
+                         f"{'+'.join(sorted(SHAPINGS & set(parts)))} would change nothing; use it with grpo, drgrpo or rloo")
+    return estimator, set(parts) - set(bases)
 
 # ----------------------------------------------------------------------------------------------
 # Lessons: sampling bias and semantic coupling, each on its own (python rlvr.py explain)
@@ -1823,6 +1554,176 @@ def plot_explain(report: dict, out: Path) -> None:
     fig.savefig(out / "explain.png", dpi=110)
     plt.close(fig)
 
+# ==============================================================================================
+# PART 3: MACHINERY YOU RARELY NEED TO EDIT
+# Input checks, checkpoints and resume, experiments, benchmarks, the task generator, verl, the CLI.
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: bad task files and impossible settings end with one clear line
+# ----------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A problem with the user's input: reported as one line on stderr, exit code 2, no traceback."""
+
+
+def check_task(task, where: str) -> None:
+    if not isinstance(task, dict):
+        raise UserError(f"{where}: a task must be a JSON object, got {type(task).__name__}")
+    kind = task.get("type")
+    if kind not in TASK_TYPES:
+        raise UserError(f"{where}: unknown task type {kind!r} (known: {', '.join(TASK_TYPES)})")
+    for name, typ in {"prompt": str, **TASK_TYPES[kind].fields}.items():
+        if name not in task:
+            raise UserError(f"{where}: {kind} task is missing field {name!r}")
+        if not isinstance(task[name], typ) or isinstance(task[name], bool):
+            raise UserError(f"{where}: field {name!r} must be {typ.__name__}, got {task[name]!r}")
+    problem = TASK_TYPES[kind].check(task)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    if not task["prompt"]:
+        raise UserError(f"{where}: empty prompt")
+    if not enumerate_solutions(task):
+        raise UserError(f"{where}: task {task.get('id', task['prompt'])!r} has no correct answer")
+
+
+def load_tasks(folder: str | Path, split: str) -> list[dict]:
+    """Read and check one split; any problem ends with a message naming the file and line."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"task folder {str(folder)!r} not found (make one with: python rlvr.py make-tasks --out {folder})")
+    path = folder / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: missing (a task folder needs train.jsonl, val.jsonl and test.jsonl)")
+    tasks = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                task = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            check_task(task, f"{path}:{lineno}")
+            tasks.append(task)
+    if not tasks:
+        raise UserError(f"{path}: no tasks in file")
+    return tasks
+
+
+def check_overlap(splits: dict[str, list[dict]]) -> list[str]:
+    """Prompts that appear in the training split and in a held-out one (held-out numbers would then be train numbers)."""
+    train = {t["prompt"] for t in splits.get("train", [])}
+    return sorted({f"{name}: {t['prompt']!r}" for name, ts in splits.items() if name != "train" for t in ts if t["prompt"] in train})
+
+
+def validate_config(cfg: Config) -> None:
+    """Refuse impossible settings before any work starts."""
+    checks = [
+        (cfg.group_size >= 2, f"--group-size must be at least 2 (a group of one has no baseline), got {cfg.group_size}"),
+        (cfg.queries_per_step >= 1, f"--queries-per-step must be at least 1, got {cfg.queries_per_step}"),
+        (cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}"),
+        (cfg.lr > 0 and cfg.ws_lr > 0 and cfg.mem_lr > 0, "learning rates (--lr, --ws-lr, --mem-lr) must be positive"),
+        (cfg.eval_n >= 1, f"--eval-n must be at least 1, got {cfg.eval_n}"),
+        (1 <= cfg.passk_k <= cfg.group_size, f"--passk-k must be in 1..group size ({cfg.group_size}), got {cfg.passk_k}"),
+        (0 <= cfg.dlc_mu <= 2, f"--dlc-mu must be in [0, 2] (mu > 1 already samples against the policy's own ranking), got {cfg.dlc_mu}"),
+        (0 <= cfg.dlc_min_p < 1, f"--dlc-min-p must be in [0, 1), got {cfg.dlc_min_p}"),
+        (cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}"),
+        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}"),
+        (0 < cfg.clip_eps < 1 and cfg.clip_eps_high > 0, "--clip-eps must be in (0, 1) and --clip-eps-high positive"),
+        (cfg.ppo_epochs >= 1 and cfg.ws_steps >= 0 and cfg.ws_batch >= 1, "--ppo-epochs and --ws-batch must be >= 1, --ws-steps >= 0"),
+        (cfg.iac_alpha >= 0 and cfg.kl_coef >= 0 and cfg.entropy_coef >= 0, "--iac-alpha, --kl-coef and --entropy-coef must be >= 0"),
+        (cfg.mem_window >= 1 and cfg.mem_steps >= 1 and cfg.mem_width >= 1,
+         "--mem-window, --mem-steps and --mem-width must be >= 1 (with 0 memory steps DLC would sample the plain policy)"),
+        (cfg.eval_split in ("val", "test"), f"--eval-split must be val or test, got {cfg.eval_split!r}"),
+        (cfg.micro_batch >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0 and cfg.threads >= 0,
+         "--micro-batch, --eval-every, --save-every and --threads must be >= 0"),
+        (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    try:
+        _, parts = parse_method(cfg.method)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if "cliphigher" in parts and cfg.ppo_epochs == 1:
+        raise UserError("cliphigher acts only with --ppo-epochs > 1 (with one epoch the PPO ratio is exactly 1)")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, logs and resume
+# ----------------------------------------------------------------------------------------------
+class JsonlLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed as written."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps, saves a checkpoint and exits. A second signal aborts."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __enter__(self):
+        import signal
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nrlvr.py: signal {signum}: saving a checkpoint after this step...", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def save_policy(model, tokenizer, path: Path, extra: dict[str, object] | None = None) -> None:
+    """Write a checkpoint atomically: to a temporary folder first, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def save_state(out: Path, policy, tokenizer, opt, memory, state: dict) -> None:
+    """The checkpoint: policy and tokenizer (from_pretrained-ready), memory network, and everything to resume exactly."""
+    extra = {"trainer_state.pt": {**state, "optimizer": opt.state_dict()}}
+    if memory is not None:
+        extra["memory.pt"] = memory.state_dict()
+    save_policy(policy, tokenizer, out / "checkpoint", extra)
+
+
+def load_checkpoint(path: str | Path, cfg: Config, device: torch.device):
+    """Policy, tokenizer and (for DLC runs) the memory network with its optimizer and replay window."""
+    model, tokenizer = load_policy(path, device, attention_for(cfg))
+    memory = None
+    if (Path(path) / "memory.pt").exists():
+        memory = Memory(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg, device)
+        memory.load_state_dict(torch.load(Path(path) / "memory.pt", map_location=device, weights_only=False))
+    return model, tokenizer, memory
 
 # ----------------------------------------------------------------------------------------------
 # Experiments: every method from the same base per seed, same budget, mean and 95% CI over seeds
@@ -2013,7 +1914,6 @@ def plot_results(results: dict, out: Path) -> None:
     fig.tight_layout(rect=(0, 0, 0.92, 1))
     fig.savefig(out / "training.png", dpi=80)
     plt.close(fig)
-
 
 # ----------------------------------------------------------------------------------------------
 # Benchmark: sampler and DLC cost, RL step time (measured side by side in one process)
@@ -2216,10 +2116,104 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
             "speedup_vs_trl": round(trl_s / our_s, 2), "steps_timed": [len(trl_times), len(our_times)],
             "batch": f"{cfg.queries_per_step}x{cfg.group_size}", "max_new_tokens": cfg.max_new_tokens, "threads": torch.get_num_threads()}
 
+# ----------------------------------------------------------------------------------------------
+# The task generator (python rlvr.py make-tasks)
+# ----------------------------------------------------------------------------------------------
+WORD_TEMPLATES = [  # (story, the answer's value from the numbers a, b, c)
+    ("{name} has {a} bags with {b} {item} in each bag and finds {c} more {item}.", lambda a, b, c: a * b + c),
+    ("{name} buys {a} packs of {b} {item} and gives {c} {item} away.", lambda a, b, c: a * b - c),
+    ("{name} has {a} {item}, gets {b} more, and later {c} more.", lambda a, b, c: a + b + c),
+    ("{a} friends each bring {b} {item} to {name}'s party, and {c} {item} get lost.", lambda a, b, c: a * b - c),
+    ("{name} collects {b} {item} a day for {a} days, then {c} more on the last evening.", lambda a, b, c: a * b + c),
+]
+
+
+NAMES, ITEMS = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"], ["apples", "pencils", "stickers", "marbles", "cookies"]
+
+
+def make_word_problems(rng: random.Random, n: int) -> list[dict]:
+    """Stories whose answer is an expression over their three numbers: several orders are correct, all enumerable."""
+    tasks, seen = [], set()
+    while len(tasks) < n:
+        story, value = rng.choice(WORD_TEMPLATES)
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
+        text = story.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b, c=c)
+        if text in seen:
+            continue
+        seen.add(text)
+        prompt = (f"{text} Write one arithmetic expression that uses each of the numbers {a}, {b} and {c} exactly once, "
+                  f"with only +, - and * and no brackets, whose value is how many there are at the end. "
+                  f"Put the expression alone on the last line.")
+        task = {"id": f"wp-{len(tasks)}", "type": "word_problem", "prompt": prompt, "numbers": [a, b, c], "target": value(a, b, c)}
+        task["num_solutions"] = len(enumerate_countdown(task))
+        tasks.append(task)
+    return tasks
+
+
+def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] = (48, 160, 48)) -> dict[str, int]:
+    """Deterministically write train/val/test.jsonl: digit sums (split by target) and countdown (split by query)."""
+    rng = random.Random(seed)
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    # digit_sum, 3 terms: targets 4..26 all have >= 3 ordered solutions (15 has 73); held-out targets interleave
+    test_t, val_t = {6, 11, 16, 21, 26}, {8, 13, 19, 24}
+    for t in range(4, 27):
+        task = {"id": f"sum3-{t}", "type": "digit_sum", "prompt": f"sum3={t}:", "terms": 3, "target": t}
+        task["num_solutions"] = len(enumerate_digit_sum(task))
+        splits["test" if t in test_t else "val" if t in val_t else "train"].append(task)
+    # countdown with three digits 1-9: every query reachable in >= 4 distinct ways
+    pool = []
+    for nums in itertools.combinations_with_replacement(range(1, 10), 3):
+        for target in range(1, 100):
+            task = {"id": f"cd-{''.join(map(str, nums))}-{target}", "type": "countdown",
+                    "prompt": f"{','.join(map(str, nums))}->{target}:", "numbers": list(nums), "target": target}
+            n = len(enumerate_countdown(task))
+            if n >= 4:
+                task["num_solutions"] = n
+                pool.append(task)
+    rng.shuffle(pool)
+    # validation: up to 40 queries between train and test, any further ones after the test block, so that
+    # the size of the validation split (which only tunes settings) never moves a train or test query
+    n_train, n_val, n_test = countdown
+    first_val = min(n_val, 40)
+    test_start = n_train + 40
+    splits["train"] += pool[:n_train]
+    splits["val"] += pool[n_train:n_train + first_val] + pool[test_start + n_test:test_start + n_test + n_val - first_val]
+    splits["test"] += pool[test_start:test_start + n_test]
+    # word problems for real language models (--model), in their own folder: toy_tasks/word_problems
+    words = make_word_problems(rng, 100)
+    word_splits = {"train": words[:60], "val": words[60:80], "test": words[80:]}
+    out = Path(out)
+    for folder, split_tasks in ((out, splits), (out / "word_problems", word_splits)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, tasks in split_tasks.items():
+            with open(folder / f"{name}.jsonl", "w") as f:
+                for task in tasks:
+                    f.write(json.dumps(task) + "\n")
+    return {name: len(tasks) for name, tasks in splits.items()} | {f"word_problems/{k}": len(v) for k, v in word_splits.items()}
 
 # ----------------------------------------------------------------------------------------------
-# Scaling out: IAC as an advantage estimator of verl (multi-GPU RLVR)
+# Scaling out: IAC on flat tensors, and as an advantage estimator of verl (multi-GPU RLVR)
 # ----------------------------------------------------------------------------------------------
+def group_index(group_ids) -> torch.Tensor:
+    """Any per-sample group labels (ints, strings, a numpy array of uids) -> dense ids 0..num_groups-1."""
+    labels = group_ids.tolist() if hasattr(group_ids, "tolist") else list(group_ids)
+    dense: dict = {}
+    return torch.tensor([dense.setdefault(x, len(dense)) for x in labels], dtype=torch.long)
+
+
+def inverse_success_calibration_flat(advantages: torch.Tensor, rewards: torch.Tensor, group_ids, alpha: float = 1.0) -> torch.Tensor:
+    """IAC on flat [N] tensors plus a group label per sample (the layout of verl and TRL; groups may differ in size).
+
+    Same rule as `inverse_success_calibration`: successes x (group size - group's correct count)^alpha.
+    """
+    ids = group_index(group_ids).to(advantages.device)
+    size = torch.bincount(ids).to(advantages.dtype)
+    correct = torch.bincount(ids, weights=(rewards > 0).to(advantages.dtype))
+    factor = (size - correct)[ids] ** alpha
+    calibrated = torch.where((advantages > 0) & (rewards > 0), advantages * factor, advantages)
+    return torch.where(factor == 0, 0.0, calibrated)
+
+
 def register_verl_iac(name: str = "grpo_iac", alpha: float = Config.iac_alpha):
     """Register IAC on top of verl's GRPO estimator as verl advantage estimator `name` (algorithm.adv_estimator=name).
 
@@ -2241,10 +2235,29 @@ def register_verl_iac(name: str = "grpo_iac", alpha: float = Config.iac_alpha):
         core_algos.register_adv_est(name)(compute_grpo_iac_advantage)
     return core_algos.get_adv_estimator_fn(name)
 
-
 # ----------------------------------------------------------------------------------------------
 # Reporting and CLI
 # ----------------------------------------------------------------------------------------------
+def config_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"rlvr.py {prog}".strip())
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train") -> Config:
+    return config_from(config_parser(prog).parse_args(argv))
+
+
 def format_table(columns: dict[str, dict]) -> str:
     """Rows: metrics on train and test; columns: base and each trained method."""
     rows = [("pass@1", lambda m: m["pass@1"]), ("pass@8", lambda m: m["pass@k"].get("8", float("nan"))),
