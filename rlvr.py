@@ -96,63 +96,70 @@ HERE = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------------------------
 # Config: every knob, one line of help each
 # ----------------------------------------------------------------------------------------------
+def knob(default, help: str):
+    """A Config field with its one-line --help text (the reason for a default goes in a comment beside it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
-    tasks: str = field(default=str(HERE / "toy_tasks"), metadata={"help": "folder with train/val/test .jsonl task files"})
-    out: str = field(default="runs/demo", metadata={"help": "output folder (summary.json, metrics.jsonl, checkpoint)"})
-    seed: int = field(default=0, metadata={"help": "seed for the RL sampling and the evaluation (the warm-start uses --base-seed)"})
-    method: str = field(default="grpo", metadata={"help": "an estimator (grpo, drgrpo, rloo, passk, wreinforce) joined by + with any of iac, dlc, unlikely, count, fgrpo, entropy, kl, cliphigher; e.g. iac+dlc"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores, at most 4; tiny models gain nothing from more)"})
+    tasks: str = knob(str(HERE / "toy_tasks"), "folder with train/val/test .jsonl task files")
+    out: str = knob("runs/demo", "output folder (summary.json, metrics.jsonl, checkpoint)")
+    seed: int = knob(0, "seed for the RL sampling and the evaluation (the warm-start uses --base-seed)")
+    method: str = knob("grpo", "an estimator (grpo, drgrpo, rloo, passk, wreinforce) + modifiers, e.g. iac+dlc")
+    device: str = knob("auto", "auto (cuda if available), cpu or cuda")
+    threads: int = knob(0, "torch CPU threads (0: all cores, at most 4)")  # tiny models gain nothing from more
     # policy
-    model: str = field(default="", metadata={"help": "a Hugging Face causal LM (local path or hub name) to train instead of the built-in tiny GPT-2"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory, more compute)"})
-    n_embd: int = field(default=64, metadata={"help": "hidden size of the built-in GPT-2 policy"})
-    n_layer: int = field(default=2, metadata={"help": "layers of the built-in GPT-2 policy"})
-    n_head: int = field(default=4, metadata={"help": "attention heads of the built-in GPT-2 policy"})
+    model: str = knob("", "a causal LM to train (local path or hub name) instead of the built-in tiny GPT-2")
+    grad_checkpointing: bool = knob(False, "recompute activations in the backward pass (less memory, more compute)")
+    n_embd: int = knob(64, "hidden size of the built-in GPT-2 policy")
+    n_layer: int = knob(2, "layers of the built-in GPT-2 policy")
+    n_head: int = knob(4, "attention heads of the built-in GPT-2 policy")
     # warm-start (supervised fine-tuning on uniformly sampled correct solutions)
-    ws_steps: int = field(default=300, metadata={"help": "warm-start SFT steps"})
-    ws_batch: int = field(default=128, metadata={"help": "warm-start sequences per step"})
-    ws_lr: float = field(default=3e-3, metadata={"help": "warm-start learning rate"})
-    base_seed: int = field(default=0, metadata={"help": "warm-start seed; fixed so every method and RL seed starts from one base (-1: use --seed)"})
-    cache_dir: str = field(default=str(HERE / ".cache"), metadata={"help": "where warm-started base policies are cached"})
+    ws_steps: int = knob(300, "warm-start SFT steps")
+    ws_batch: int = knob(128, "warm-start sequences per step")
+    ws_lr: float = knob(3e-3, "warm-start learning rate")
+    base_seed: int = knob(0, "warm-start seed (-1: use --seed)")  # fixed: every method and RL seed starts from one base
+    cache_dir: str = knob(str(HERE / ".cache"), "where warm-started base policies are cached")
     # RL
-    steps: int = field(default=300, metadata={"help": "RL steps"})
-    queries_per_step: int = field(default=16, metadata={"help": "training queries per RL step"})
-    group_size: int = field(default=8, metadata={"help": "completions sampled per query (G)"})
-    lr: float = field(default=3e-4, metadata={"help": "RL learning rate (AdamW); 1e-3 diverges within 5 steps on the toy tasks"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay in RL (0: decay would pull towards 0, not the base)"})
-    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip epsilon"})
-    micro_batch: int = field(default=0, metadata={"help": "sequences per forward/backward (0 = whole batch); changes memory use, not samples"})
-    ppo_epochs: int = field(default=1, metadata={"help": "updates per batch; 1 = exactly on-policy (ratio 1, clipping never acts)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and evaluation (the loss uses it too)"})
-    max_new_tokens: int = field(default=8, metadata={"help": "longest completion, EOS included"})
+    steps: int = knob(300, "RL steps")
+    queries_per_step: int = knob(16, "training queries per RL step")
+    group_size: int = knob(8, "completions sampled per query (G)")
+    lr: float = knob(3e-4, "RL learning rate (AdamW)")  # 1e-3 diverges within 5 steps on the toy tasks
+    weight_decay: float = knob(0.0, "AdamW weight decay in RL")  # decay would pull towards 0, not towards the base
+    clip_eps: float = knob(0.2, "PPO clip epsilon")
+    micro_batch: int = knob(0, "sequences per forward/backward (0 = whole batch); changes memory use, not samples")
+    ppo_epochs: int = knob(1, "updates per batch; 1 = exactly on-policy (ratio 1, clipping never acts)")
+    max_grad_norm: float = knob(1.0, "gradient clipping norm")
+    temperature: float = knob(1.0, "sampling temperature for rollouts and evaluation (the loss uses it too)")
+    max_new_tokens: int = knob(8, "longest completion, EOS included")
     # the paper's calibrations (used when --method names them)
-    iac_alpha: float = field(default=1.0, metadata={"help": "IAC exponent: positive advantages x (G - #correct)^alpha (the paper's 1; also best on validation)"})
-    iac_renorm: bool = field(default=False, metadata={"help": "rescale IAC advantages to the batch's original mean |A| (off: the paper shows none)"})
-    dlc_mu: float = field(default=2.0, metadata={"help": "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy; 2 chosen on validation, trading pass@1 for pass@64)"})
-    dlc_min_p: float = field(default=0.05, metadata={"help": "DLC re-weights only tokens with pi >= min_p * max pi; the rest keep pi (0 = all)"})
-    dlc_is_cap: float = field(default=0.0, metadata={"help": "truncated importance weight pi/q <= cap for DLC samples (0 = none: a decoupled sampler, so modes the policy would not sample keep their credit)"})
-    mem_width: int = field(default=64, metadata={"help": "memory network hidden width"})
-    mem_window: int = field(default=4, metadata={"help": "memory is trained on the rollouts of the last this many RL steps (FIFO)"})
-    mem_steps: int = field(default=4, metadata={"help": "memory Adam steps on the window after every RL step (at least 1)"})
-    mem_lr: float = field(default=3e-3, metadata={"help": "memory learning rate"})
+    iac_alpha: float = knob(1.0, "IAC exponent: successes' advantages x (G - #correct)^alpha")  # the paper's 1
+    iac_renorm: bool = knob(False, "rescale IAC advantages to the batch's original mean |A|")  # the paper shows none
+    dlc_mu: float = knob(2.0, "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy)")  # see Results
+    dlc_min_p: float = knob(0.05, "DLC re-weights only tokens with pi >= min_p * max pi; the rest keep pi (0 = all)")
+    # 0 = a decoupled sampler, so modes the policy would not sample keep their credit
+    dlc_is_cap: float = knob(0.0, "truncated importance weight pi/q <= cap for DLC samples (0 = none)")
+    mem_width: int = knob(64, "memory network hidden width")
+    mem_window: int = knob(4, "memory is trained on the rollouts of the last this many RL steps (FIFO)")
+    mem_steps: int = knob(4, "memory Adam steps on the window after every RL step (at least 1)")
+    mem_lr: float = knob(3e-3, "memory learning rate")
     # competing methods: each coefficient is used only when --method names its part (default: its paper's value)
-    entropy_coef: float = field(default=0.001, metadata={"help": "[entropy] loss - coef * mean token entropy (0.001, the common PPO-for-LLM value)"})
-    kl_coef: float = field(default=0.04, metadata={"help": "[kl] k3 KL penalty to the base (0.04 as in the GRPO paper; off unless --method has kl, as TRL's default)"})
-    clip_eps_high: float = field(default=0.28, metadata={"help": "[cliphigher] upper clip 1 + this (DAPO); only acts with --ppo-epochs > 1"})
-    unlikely_beta: float = field(default=0.25, metadata={"help": "[unlikely] r * (1 - beta * rank / G) for correct samples (He et al.)"})
-    passk_k: int = field(default=4, metadata={"help": "[passk] k of the pass@k advantage (k = G/2: with k = G every sample of a solved group is credited alike)"})
-    wreinforce_weight: float = field(default=0.1, metadata={"help": "[wreinforce] advantage of a correct sample; wrong ones get -1 (Zhu et al.)"})
-    count_c: float = field(default=0.5, metadata={"help": "[count] outcome bonus c * min(1, 1/sqrt(N(q,o))) on correct samples (half the reward gap: a bonus never outranks correctness)"})
-    fgrpo_gamma: float = field(default=0.5, metadata={"help": "[fgrpo] advantages * (1 - p_hat)^gamma"})
+    entropy_coef: float = knob(0.001, "[entropy] loss - coef * mean token entropy")  # the common PPO-for-LLM value
+    kl_coef: float = knob(0.04, "[kl] k3 KL penalty to the base")  # the GRPO paper's; off unless named, as in TRL
+    clip_eps_high: float = knob(0.28, "[cliphigher] upper clip 1 + this (DAPO); needs --ppo-epochs > 1")
+    unlikely_beta: float = knob(0.25, "[unlikely] r * (1 - beta * rank / G) for correct samples (He et al.)")
+    passk_k: int = knob(4, "[passk] k of the pass@k advantage")  # G/2: with k = G a solved group is credited alike
+    wreinforce_weight: float = knob(0.1, "[wreinforce] advantage of a correct sample; wrong ones get -1 (Zhu et al.)")
+    # half the reward gap between right and wrong: a bonus never outranks correctness
+    count_c: float = knob(0.5, "[count] outcome bonus c * min(1, 1/sqrt(N(q,o))) on correct samples")
+    fgrpo_gamma: float = knob(0.5, "[fgrpo] advantages * (1 - p_hat)^gamma")
     # evaluation
-    eval_n: int = field(default=64, metadata={"help": "samples per query for pass@k and coverage"})
-    eval_every: int = field(default=50, metadata={"help": "evaluate train and test every this many RL steps (0: only at the end)"})
-    save_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every this many RL steps (0: only at the end and on Ctrl-C)"})
-    eval_split: str = field(default="test", metadata={"help": "held-out split evaluated next to train: test for reported numbers, val for tuning"})
-    eval_batch: int = field(default=2048, metadata={"help": "sequences per batched evaluation call"})
+    eval_n: int = knob(64, "samples per query for pass@k and coverage")
+    eval_every: int = knob(50, "evaluate train and test every this many RL steps (0: only at the end)")
+    save_every: int = knob(50, "write a resumable checkpoint every this many RL steps (0: at the end and on Ctrl-C)")
+    eval_split: str = knob("test", "held-out split evaluated next to train: test for reported numbers, val for tuning")
+    eval_batch: int = knob(2048, "sequences per batched evaluation call")
 
 
 def pick_device(name: str) -> torch.device:
@@ -181,7 +188,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Fuse()  # join characters back without spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
     tokenizer.padding_side = "left"  # prompts end at the same column, so completions start together
-    tokenizer.id_to_text = [tok.id_to_token(i) for i in range(len(vocab))]  # decoding is a table lookup (see _make_rollouts)
+    tokenizer.id_to_text = [tok.id_to_token(i) for i in range(len(vocab))]  # decoding: a table lookup (_make_rollouts)
     return tokenizer
 
 
@@ -229,8 +236,8 @@ def load_tokenizer(path: str | Path | None = None):
 def format_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids of each prompt, wrapped in the tokenizer's chat template when it has one (instruct models)."""
     if getattr(tokenizer, "chat_template", None):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-                   for p in prompts]
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=False) for p in prompts]
     return tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
 
@@ -286,7 +293,8 @@ def verify_digit_sum(task: dict, completion: str) -> float:
 
 
 def enumerate_digit_sum(task: dict) -> list[str]:
-    return ["+".join(map(str, d)) for d in itertools.product(range(1, 10), repeat=task["terms"]) if sum(d) == task["target"]]
+    digits = itertools.product(range(1, 10), repeat=task["terms"])
+    return ["+".join(map(str, d)) for d in digits if sum(d) == task["target"]]
 
 
 def verify_countdown(task: dict, completion: str) -> float:
@@ -318,7 +326,8 @@ class TaskType:
 
 
 def _check_terms(task: dict) -> str | None:
-    return None if 1 <= task["terms"] <= 6 else f"'terms' must be 1..6 (9^terms answers are enumerated), got {task['terms']}"
+    ok = 1 <= task["terms"] <= 6
+    return None if ok else f"'terms' must be 1..6 (9^terms answers are enumerated), got {task['terms']}"
 
 
 def _check_numbers(task: dict) -> str | None:
@@ -328,7 +337,8 @@ def _check_numbers(task: dict) -> str | None:
 
 # Add yours here. word_problem: a story around a countdown query, for real language models (answer: one expression).
 TASK_TYPES = {
-    "digit_sum": TaskType(verify_digit_sum, enumerate_digit_sum, {"prompt": str, "terms": int, "target": int}, _check_terms),
+    "digit_sum": TaskType(verify_digit_sum, enumerate_digit_sum, {"prompt": str, "terms": int, "target": int},
+                          _check_terms),
     "countdown": TaskType(verify_countdown, enumerate_countdown, {"prompt": str, "numbers": list, "target": int},
                           _check_numbers),
     "word_problem": TaskType(verify_countdown, enumerate_countdown, {"prompt": str, "numbers": list, "target": int},
@@ -467,8 +477,8 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
     try:
         with autocast(device):
-            return _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu,
-                           min_p, stop_at_eos, noise)
+            return _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy,
+                           memory, mu, min_p, stop_at_eos, noise)
     finally:
         model.train(training)
 
@@ -515,8 +525,8 @@ def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator
         if t == max_new_tokens - 1 or (stop_at_eos and bool(done.all())):  # one host sync per token, worth it
             break
         next_pos = next_pos + 1
-        hidden = base(input_ids=out[:, t:t + 1], attention_mask=mask[:, :P + t + 1], position_ids=next_pos, use_cache=True,
-                      **{cache_kw: cache}).last_hidden_state[:, -1]
+        hidden = base(input_ids=out[:, t:t + 1], attention_mask=mask[:, :P + t + 1], position_ids=next_pos,
+                      use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
     rollouts = _make_rollouts(tokenizer, ids, prompt_mask, out, ent)
     rollouts.sample_logp = sample_logp
     return rollouts
@@ -531,7 +541,10 @@ def _make_rollouts(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     # special tokens sampled mid-answer stay visible ("<unk>"), so they can never decode into a correct answer
     rows = [row[:n] for row, n in zip(completion.tolist(), lengths)]
     table = getattr(tokenizer, "id_to_text", None)  # the built-in character tokenizer: same text, no Rust round trip
-    texts = ["".join(table[i] for i in row) for row in rows] if table else tokenizer.batch_decode(rows, skip_special_tokens=False)
+    if table:
+        texts = ["".join(table[i] for i in row) for row in rows]
+    else:
+        texts = tokenizer.batch_decode(rows, skip_special_tokens=False)
     input_ids = torch.cat([prompt_ids, completion], 1)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(completion)], 1)
     return Rollouts(input_ids, attention_mask, completion_mask.long(), prompt_ids.shape[1], texts, finished, entropy)
@@ -550,7 +563,8 @@ def rollouts_from_text(tokenizer, prompt_ids: list[list[int]], completions: list
 
 def rewards_for(tasks: list[dict], rollouts: Rollouts) -> torch.Tensor:
     """Verifier reward per completion; a completion that never stopped is wrong."""
-    r = [verify(task, text) if fin else 0.0 for task, text, fin in zip(tasks, rollouts.texts, rollouts.finished.tolist())]
+    finished = rollouts.finished.tolist()
+    r = [verify(task, text) if fin else 0.0 for task, text, fin in zip(tasks, rollouts.texts, finished)]
     return torch.tensor(r, dtype=torch.float32)
 
 # ----------------------------------------------------------------------------------------------
@@ -636,12 +650,13 @@ class MemoryNetwork(torch.nn.Module):
 
     def __init__(self, hidden_size: int, vocab_size: int, width: int = 64):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(hidden_size, width), torch.nn.GELU(), torch.nn.Linear(width, vocab_size))
+        self.net = torch.nn.Sequential(torch.nn.Linear(hidden_size, width), torch.nn.GELU(),
+                                       torch.nn.Linear(width, vocab_size))
         torch.nn.init.zeros_(self.net[-1].weight)
         torch.nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.net(hidden.detach().float()), dim=-1)  # normalised: mu has one meaning at every step
+        return torch.log_softmax(self.net(hidden.detach().float()), dim=-1)  # normalised: mu means one thing everywhere
 
 
 def dlc_calibrate(policy_logp: torch.Tensor, memory_logp: torch.Tensor, mu: float, min_p: float = 0.0) -> torch.Tensor:
@@ -780,7 +795,8 @@ def k_values(n: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max_new_tokens: int, seed: int,
-             base_logprobs: torch.Tensor | None = None, batch: int = 2048, desc: str = "eval") -> tuple[dict, torch.Tensor]:
+             base_logprobs: torch.Tensor | None = None, batch: int = 2048,
+             desc: str = "eval") -> tuple[dict, torch.Tensor]:
     """Metrics M of one split and the exact log-probabilities of every correct completion (for over-sharpening)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -842,8 +858,9 @@ def warmstart_seed(cfg: Config) -> int:
 
 
 def base_key(cfg: Config, train_tasks: list[dict]) -> str:
-    blob = json.dumps({"arch": f"gpt2-gelu_pytorch_tanh-{TINY_ATTENTION}", "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "ws_steps": cfg.ws_steps,
-                       "ws_batch": cfg.ws_batch, "ws_lr": cfg.ws_lr, "seed": warmstart_seed(cfg), "tasks": train_tasks,
+    blob = json.dumps({"arch": f"gpt2-gelu_pytorch_tanh-{TINY_ATTENTION}", "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+                       "n_head": cfg.n_head, "ws_steps": cfg.ws_steps, "ws_batch": cfg.ws_batch, "ws_lr": cfg.ws_lr,
+                       "seed": warmstart_seed(cfg), "tasks": train_tasks,
                        "transformers": transformers.__version__.split(".")[0]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -854,11 +871,13 @@ def warm_start(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
     rng = random.Random(warmstart_seed(cfg))
     model = build_policy(cfg, tokenizer).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.ws_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.ws_steps)))
+    warmup_cosine = lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.ws_steps))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
     model.train()
     for _ in tqdm(range(cfg.ws_steps), desc="warm-start", disable=None):
         qs = [rng.randrange(len(train)) for _ in range(cfg.ws_batch)]
-        r = rollouts_from_text(tokenizer, [train.prompt_ids[q] for q in qs], [rng.choice(train.solutions[q]) for q in qs], device)
+        answers = [rng.choice(train.solutions[q]) for q in qs]
+        r = rollouts_from_text(tokenizer, [train.prompt_ids[q] for q in qs], answers, device)
         logp, _, _ = completion_logprobs(model, r)
         loss = -(logp * r.completion_mask).sum() / r.completion_mask.sum()
         opt.zero_grad(set_to_none=True)
@@ -886,7 +905,8 @@ def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
 # ----------------------------------------------------------------------------------------------
 # The RL step and loop: collect rollouts, let the memory learn them, update the policy
 # ----------------------------------------------------------------------------------------------
-def compute_advantages(cfg: Config, rewards: torch.Tensor, seq_logp: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+def compute_advantages(cfg: Config, rewards: torch.Tensor, seq_logp: torch.Tensor,
+                       counts: torch.Tensor | None) -> torch.Tensor:
     """Compose a method's parts in order: reward shaping -> base estimator -> advantage scaling. All [Q, G]."""
     estimator, parts = parse_method(cfg.method)
     shaped = rewards
@@ -1008,9 +1028,10 @@ def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
                                                        temperature=cfg.temperature)
             part_loss, metrics = ppo_clip_loss(
                 logp, batch.old_logp[i:j], batch.advantages[i:j], mask[i:j], clip_eps=cfg.clip_eps,
-                clip_eps_high=cfg.clip_eps_high if "cliphigher" in parts else None, ref_logp=_rows(batch.ref_logp, i, j),
-                kl_coef=cfg.kl_coef, entropy=entropy, entropy_coef=cfg.entropy_coef if "entropy" in parts else 0.0,
-                weights=_rows(batch.weights, i, j), norm=denom)
+                clip_eps_high=cfg.clip_eps_high if "cliphigher" in parts else None,
+                ref_logp=_rows(batch.ref_logp, i, j), kl_coef=cfg.kl_coef, entropy=entropy,
+                entropy_coef=cfg.entropy_coef if "entropy" in parts else 0.0, weights=_rows(batch.weights, i, j),
+                norm=denom)
             part_loss.backward()
             loss += part_loss.item()
             part_tokens = float(mask[i:j].sum())  # metrics are means over their tokens: weight them back to sums
@@ -1019,7 +1040,8 @@ def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
             entropy_sum += (entropy.detach() * mask[i:j]).sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):  # never let a NaN into the weights
-            print(f"rlvr.py: warning: non-finite loss or gradient ({loss}, {grad_norm.item()}); update skipped", file=sys.stderr)
+            print(f"rlvr.py: warning: non-finite loss or gradient ({loss}, {grad_norm.item()}); update skipped",
+                  file=sys.stderr)
             opt.zero_grad(set_to_none=True)
             skipped += 1
             continue
@@ -1052,7 +1074,8 @@ def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: li
                                      outcome_counts=outcome_counts)
             stats, phase = {}, "memory"
             if memory is not None:  # it learns this batch's states, taken before the update, so the order is free
-                stats["memory_loss"] = memory.update(batch.hidden, batch.rollouts.completion_ids, batch.rollouts.completion_mask)
+                stats["memory_loss"] = memory.update(batch.hidden, batch.rollouts.completion_ids,
+                                                     batch.rollouts.completion_mask)
             phase = "policy"
             stats |= update_policy(cfg, policy, opt, batch)
             if outcome_counts is not None:
@@ -1110,7 +1133,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     longest = max(len(ids) for ts in splits.values() for ids in ts.prompt_ids) + cfg.max_new_tokens
     limit = getattr(base.config, "n_positions", None) or getattr(base.config, "max_position_embeddings", None)
     if limit and longest > limit:
-        raise UserError(f"longest prompt + --max-new-tokens = {longest} tokens, more than the model's {limit} positions")
+        raise UserError(f"longest prompt + --max-new-tokens = {longest} tokens, more than the model's {limit} "
+                        "positions")
 
     def eval_all(model, base_lp=None, tag=""):
         res, lps = {}, {}
@@ -1151,8 +1175,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     def checkpoint():
         save_state(out, policy, tokenizer, opt, memory, {
-            "config": dataclasses.asdict(cfg), "progress": progress, "base_metrics": base_metrics, "base_logprobs": base_lp,
-            "outcome_counts": outcome_counts, "rng": {"sampler": gen.get_state(), "queries": query_rng.getstate(), "torch": torch.get_rng_state()}})
+            "config": dataclasses.asdict(cfg), "progress": progress, "base_metrics": base_metrics,
+            "base_logprobs": base_lp, "outcome_counts": outcome_counts,
+            "rng": {"sampler": gen.get_state(), "queries": query_rng.getstate(), "torch": torch.get_rng_state()}})
 
     train_set = splits["train"]
     with StopFlag() as stop:
@@ -1172,17 +1197,20 @@ def train(cfg: Config, resume: bool = False) -> dict:
             if stop.signum or (cfg.save_every and step % cfg.save_every == 0):
                 checkpoint()
             if stop.signum:
-                print(f"rlvr.py: stopped at step {step}; continue with: python rlvr.py train --resume {out}", file=sys.stderr)
+                print(f"rlvr.py: stopped at step {step}; continue with: python rlvr.py train --resume {out}",
+                      file=sys.stderr)
                 sys.exit(128 + stop.signum)
     final_metrics, _ = eval_all(policy, base_lp, tag="final ")
     log.write({"step": cfg.steps, "eval": final_metrics})
     checkpoint()
     rl_s = progress["rl_s"]
     summary = {"config": dataclasses.asdict(cfg), "base": base_metrics, "final": final_metrics,
-               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(rl_s, 3), "rl_step_s": round(rl_s / max(cfg.steps, 1), 4),
-                          **({"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if device.type == "cuda" else {})},
-               "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size, "generated_tokens": progress["tokens"],
-                          "skipped_updates": progress["skipped_updates"]}}
+               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(rl_s, 3),
+                          "rl_step_s": round(rl_s / max(cfg.steps, 1), 4)},
+               "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size,
+                          "generated_tokens": progress["tokens"], "skipped_updates": progress["skipped_updates"]}}
+    if device.type == "cuda":
+        summary["timing"]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     write_json(out / "summary.json", summary)
     return summary
 
@@ -1231,7 +1259,9 @@ def passk_advantages(rewards: torch.Tensor, k: int = 4) -> torch.Tensor:
 
 
 def w_reinforce_advantages(rewards: torch.Tensor, weight: float = 0.1) -> torch.Tensor:
-    """W-REINFORCE (The Surprising Effectiveness of Negative Reinforcement, arXiv 2506.01347): A = +weight if correct, -1 if wrong."""
+    """W-REINFORCE (The Surprising Effectiveness of Negative Reinforcement, arXiv 2506.01347).
+
+    A = +weight if correct, -1 if wrong."""
     return torch.where(rewards > 0, torch.full_like(rewards, weight), torch.full_like(rewards, -1.0))
 
 
@@ -1297,7 +1327,8 @@ BINARY_ESTIMATORS, SHAPINGS = {"passk", "wreinforce"}, {"unlikely", "count"}
 
 
 def parse_method(method: str) -> tuple[str, set[str]]:
-    """'iac+dlc' -> ('grpo', {'iac', 'dlc'}); 'rloo+entropy' -> ('rloo', {'entropy'}). The estimator defaults to GRPO."""
+    """'iac+dlc' -> ('grpo', {'iac', 'dlc'}); 'rloo+entropy' -> ('rloo', {'entropy'}). The estimator defaults to
+    GRPO."""
     parts = [p.strip() for p in method.lower().split("+") if p.strip()]
     bases = [p for p in parts if p in ADVANTAGES]
     unknown = [p for p in parts if p not in ADVANTAGES and p not in MODIFIERS]
@@ -1307,7 +1338,8 @@ def parse_method(method: str) -> tuple[str, set[str]]:
     estimator = bases[0] if bases else "grpo"
     if estimator in BINARY_ESTIMATORS and SHAPINGS & set(parts):
         raise ValueError(f"method {method!r}: {estimator} reads only whether a sample is correct, so "
-                         f"{'+'.join(sorted(SHAPINGS & set(parts)))} would change nothing; use it with grpo, drgrpo or rloo")
+                         f"{'+'.join(sorted(SHAPINGS & set(parts)))} would change nothing; use it with grpo, drgrpo "
+                         "or rloo")
     return estimator, set(parts) - set(bases)
 
 # ----------------------------------------------------------------------------------------------
@@ -1350,7 +1382,8 @@ def sampling_bias_lesson(probs: torch.Tensor, rewards: torch.Tensor, group_sizes
     gen = torch.Generator().manual_seed(seed)
     correct = rewards > 0
     p_c = probs[correct].sum()
-    out = {"p_before": probs[correct].tolist(), "p_correct_before": p_c.item(), "groups_per_G": groups, "steps": steps, "G": {}}
+    out = {"p_before": probs[correct].tolist(), "p_correct_before": p_c.item(), "groups_per_G": groups, "steps": steps,
+           "G": {}}
     for G in group_sizes:
         start = probs.expand(groups, -1).clone()
         p, sampled = finite_group_update(start, rewards, G, lr, gen)
@@ -1373,7 +1406,8 @@ def sampling_bias_lesson(probs: torch.Tensor, rewards: torch.Tensor, group_sizes
 def reinforce_one(model, tokenizer, prompt_ids: list[int], completion: str, steps: int, lr: float) -> None:
     """Push up log pi(completion | prompt) alone, as repeated positive advantages on one sample would.
 
-    Plain SGD, so each step moves log pi(o'|q') of every other pair by about lr * <grad log pi(o'|q'), grad log pi(o|q)>:
+    Plain SGD, so each step moves log pi(o'|q') of every other pair by about
+    lr * <grad log pi(o'|q'), grad log pi(o|q)>:
     the coupling term of the paper, nothing an adaptive optimiser adds.
     """
     device = next(model.parameters()).device
@@ -1405,34 +1439,41 @@ COUPLING_GROUPS = ("same text", "same digits", "same first token", "some digits"
 def coupling_lesson(model, tokenizer, splits: dict[str, TaskSet], query: int, completion: str, steps: int = 30,
                     lr: float = 1e-3) -> dict:
     """Reinforce one completion of one training query; measure every correct completion of every OTHER query."""
-    model = copy.deepcopy(model)
-    flat = {name: ([p for p, sols in zip(ts.prompt_ids, ts.solutions) for _ in sols], [s for sols in ts.solutions for s in sols],
-                   [i for i, sols in enumerate(ts.solutions) for _ in sols]) for name, ts in splits.items()}
-    before = {name: sequence_logprobs(model, tokenizer, p, c) for name, (p, c, _) in flat.items()}
-    train = splits["train"]
-    target_before = sequence_logprobs(model, tokenizer, [train.prompt_ids[query]], [completion]).item()
+    model, train = copy.deepcopy(model), splits["train"]
+    # per split: the prompt of every correct completion, the completion, and its query's index
+    flat = {name: list(zip(*[(p, s, i) for i, (p, sols) in enumerate(zip(ts.prompt_ids, ts.solutions)) for s in sols]))
+            for name, ts in splits.items()}
     # the reinforced text as an answer to every other query (where it is wrong, unless it also solves that query)
-    elsewhere = {name: [i for i in range(len(ts)) if not (name == "train" and i == query)] for name, ts in splits.items()}
-    text_before = {name: sequence_logprobs(model, tokenizer, [splits[name].prompt_ids[i] for i in idx], [completion] * len(idx))
-                   for name, idx in elsewhere.items()}
+    elsewhere = {name: [i for i in range(len(ts)) if not (name == "train" and i == query)]
+                 for name, ts in splits.items()}
+
+    def scores():
+        correct = {name: sequence_logprobs(model, tokenizer, list(p), list(c)) for name, (p, c, _) in flat.items()}
+        reinforced = {name: sequence_logprobs(model, tokenizer, [splits[name].prompt_ids[i] for i in idx],
+                                              [completion] * len(idx)) for name, idx in elsewhere.items()}
+        target = sequence_logprobs(model, tokenizer, [train.prompt_ids[query]], [completion]).item()
+        return correct, reinforced, target
+
+    before, text_before, target_before = scores()
     reinforce_one(model, tokenizer, train.prompt_ids[query], completion, steps, lr)
-    target_after = sequence_logprobs(model, tokenizer, [train.prompt_ids[query]], [completion]).item()
+    after, text_after, target_after = scores()
     result = {"query": train.tasks[query]["prompt"], "completion": completion,
               "p_before": math.exp(target_before), "p_after": math.exp(target_after), "splits": {}}
-    for name, (prompts, comps, qidx) in flat.items():
-        after = sequence_logprobs(model, tokenizer, prompts, comps)
+    for name, (_, comps, qidx) in flat.items():
         groups: dict[str, list[float]] = {g: [] for g in COUPLING_GROUPS}
         for i, (c, q) in enumerate(zip(comps, qidx)):
             if name == "train" and q == query:
                 continue  # only OTHER queries
-            groups[overlap_group(completion, c)].append((after[i] - before[name][i]).item())
-        result["splits"][name] = {g: {"n": len(v), "mean_dlogp": float(np.mean(v)) if v else float("nan")} for g, v in groups.items()}
-        text_after = sequence_logprobs(model, tokenizer, [splits[name].prompt_ids[i] for i in elsewhere[name]], [completion] * len(elsewhere[name]))
-        result["splits"][name]["reinforced text"] = {"n": len(elsewhere[name]), "mean_dlogp": (text_after - text_before[name]).mean().item()}
+            groups[overlap_group(completion, c)].append((after[name][i] - before[name][i]).item())
+        result["splits"][name] = {g: {"n": len(v), "mean_dlogp": float(np.mean(v)) if v else float("nan")}
+                                  for g, v in groups.items()}
+        result["splits"][name]["reinforced text"] = {"n": len(elsewhere[name]),
+                                                     "mean_dlogp": (text_after[name] - text_before[name]).mean().item()}
     return result
 
 
-def mode_mass_table(cfg: Config, tokenizer, task: dict, prompt_ids: list[int], base, runs_dir: Path, device) -> tuple[list[str], dict]:
+def mode_mass_table(cfg: Config, tokenizer, task: dict, prompt_ids: list[int], base, runs_dir: Path,
+                    device) -> tuple[list[str], dict]:
     """Exact probability of each correct completion of `task` under the base and every checkpoint in runs_dir."""
     sols = enumerate_solutions(task)
     columns = {"base": sequence_logprobs(base, tokenizer, [prompt_ids] * len(sols), sols).exp()}
@@ -1471,21 +1512,28 @@ def explain(cfg: Config, runs_dir: Path, lesson: str = "all") -> dict:
         report["bias"] = {"query": task_b["prompt"], "completions": sols_b, **bias}
         order = list(np.argsort(bias["p_before"])[::-1])
         by_G = bias["G"]
-        print(f"\n1. SAMPLING BIAS on {task_b['prompt']!r}: {len(sols_b)} correct completions with the base's exact shares, scaled to")
-        print(f"   P(correct) = 0.8, plus one 'wrong' bucket: a categorical policy. One GRPO step from each of {bias['groups_per_G']} groups of size G.")
-        print("   miss = (1-p)^G, the chance a group never samples it; fell = share of groups after which it LOST probability;")
-        print("   if-missed = its mean probability after a step from a group that missed it; ideal = pi_ref exp(A/beta)/Z at the same P(correct).")
-        print(f"   {'completion':>10} {'p base':>7}" + "".join(f" | G={G:<3}{'miss':>5}{'fell':>5}{'if-missed':>10}{'ideal':>7}" for G in by_G))
+        per_G = lambda fmt: ", ".join(f"G={G}: {fmt(g)}" for G, g in by_G.items())  # noqa: E731
+        print(f"\n1. SAMPLING BIAS on {task_b['prompt']!r}: {len(sols_b)} correct completions with the base's exact "
+              "shares, scaled to")
+        print(f"   P(correct) = 0.8, plus one 'wrong' bucket: a categorical policy. One GRPO step from each of "
+              f"{bias['groups_per_G']} groups of size G.")
+        print("   miss = (1-p)^G, the chance a group never samples it; fell = share of groups after which it LOST "
+              "probability;")
+        print("   if-missed = its mean probability after a step from a group that missed it; "
+              "ideal = pi_ref exp(A/beta)/Z at the same P(correct).")
+        print(f"   {'completion':>10} {'p base':>7}"
+              + "".join(f" | G={G:<3}{'miss':>5}{'fell':>5}{'if-missed':>10}{'ideal':>7}" for G in by_G))
         for i in order if len(order) <= 10 else order[:5] + order[len(order) // 2:len(order) // 2 + 2] + order[-3:]:
             print(f"   {sols_b[i]:>10} {bias['p_before'][i]:7.4f}" + "".join(
-                f" | {'':5}{g['miss_prob'][i]:5.2f}{g['fell'][i]:5.2f}{g['p_after_if_unsampled'][i]:10.4f}{g['p_ideal'][i]:7.4f}"
-                for g in by_G.values()))
-        print("   ideal update: " + ", ".join(f"G={G}: {sum(a < b for a, b in zip(g['p_ideal'], bias['p_before']))}" for G, g in by_G.items())
+                f" | {'':5}{g['miss_prob'][i]:5.2f}{g['fell'][i]:5.2f}{g['p_after_if_unsampled'][i]:10.4f}"
+                f"{g['p_ideal'][i]:7.4f}" for g in by_G.values()))
+        print("   ideal update: " + per_G(lambda g: sum(a < b for a, b in zip(g['p_ideal'], bias['p_before'])))
               + f" of {len(sols_b)} correct completions fell. Finite groups: a correct completion fell after "
-              + ", ".join(f"G={G}: {np.mean(g['fell']):.0%}" for G, g in by_G.items()) + " of steps;")
-        print("   those that fell had not been sampled in " + ", ".join(f"G={G}: {g['fell_were_unsampled']:.0%}" for G, g in by_G.items()) + " of cases.")
+              + per_G(lambda g: f"{np.mean(g['fell']):.0%}") + " of steps;")
+        print("   those that fell had not been sampled in " + per_G(lambda g: f"{g['fell_were_unsampled']:.0%}")
+              + " of cases.")
         print(f"   After {bias['steps']} steps in a row, share of (run, completion) pairs below the base: "
-              + ", ".join(f"G={G}: {g['below_base_after_steps']:.0%}" for G, g in by_G.items())
+              + per_G(lambda g: f"{g['below_base_after_steps']:.0%}")
               + " (a table has no shared parameters; see lesson 2)")
     if lesson in ("all", "coupling"):
         rng = random.Random(cfg.seed)
@@ -1496,15 +1544,18 @@ def explain(cfg: Config, runs_dir: Path, lesson: str = "all") -> dict:
               f"p {coup['p_before']:.4f} -> {coup['p_after']:.4f}")
         print("   mean change in log-prob of the correct completions of OTHER queries, by what they share with it:")
         print(f"   {'shares':>18}" + "".join(f"{s + ' (n)':>22}" for s in coup["splits"]))
-        for g in COUPLING_GROUPS:
-            print(f"   {g:>18}" + "".join(f"{v[g]['mean_dlogp']:+14.3f} ({v[g]['n']:4d})  " for v in coup["splits"].values()))
-        print(f"   and {completion!r} itself as the answer to every other query (mostly wrong there):")
-        print(f"   {'reinforced text':>18}" + "".join(f"{v['reinforced text']['mean_dlogp']:+14.3f} ({v['reinforced text']['n']:4d})  " for v in coup["splits"].values()))
+        for g in COUPLING_GROUPS + ("reinforced text",):
+            if g == "reinforced text":
+                print(f"   and {completion!r} itself as the answer to every other query (mostly wrong there):")
+            cells = (f"{v[g]['mean_dlogp']:+14.3f} ({v[g]['n']:4d})  " for v in coup["splits"].values())
+            print(f"   {g:>18}" + "".join(cells))
     if lesson in ("all", "modes"):
         sols_m, cols = mode_mass_table(cfg, tokenizer, task, train.prompt_ids[query], base, runs_dir, device)
-        report["modes"] = {"query": task["prompt"], "completions": sols_m, "probs": {k: v.tolist() for k, v in cols.items()}}
+        report["modes"] = {"query": task["prompt"], "completions": sols_m,
+                           "probs": {k: v.tolist() for k, v in cols.items()}}
         order = torch.argsort(cols["base"], descending=True).tolist()
-        print(f"\n3. MODE MASS on {task['prompt']!r}: exact probability of each correct completion (checkpoints in {runs_dir})")
+        print(f"\n3. MODE MASS on {task['prompt']!r}: exact probability of each correct completion "
+              f"(checkpoints in {runs_dir})")
         if len(cols) == 1:
             print("   (no trained checkpoints found: run `python rlvr.py` first to add GRPO and IAC+DLC columns)")
         print(f"   {'completion':>10}" + "".join(f"{k:>12}" for k in cols))
@@ -1533,13 +1584,15 @@ def plot_explain(report: dict, out: Path) -> None:
             for G, g in r["G"].items():
                 ax.scatter(p, g["fell"], s=10, label=f"G={G}")
             ax.scatter(p, np.zeros_like(p), marker="x", color="k", label="ideal update (never falls)")
-            ax.set(xscale="log", xlabel="probability of a correct completion", ylabel="share of one-step updates that lowered it",
+            ax.set(xscale="log", xlabel="probability of a correct completion",
+                   ylabel="share of one-step updates that lowered it",
                    title=f"sampling bias on {r['query']!r}")
         elif key == "coupling":
             names = list(r["splits"])
             x = np.arange(len(COUPLING_GROUPS))
             for j, name in enumerate(names):
-                ax.bar(x + 0.4 * j, [r["splits"][name][g]["mean_dlogp"] for g in COUPLING_GROUPS], 0.4, label=f"{name} queries")
+                means = [r["splits"][name][g]["mean_dlogp"] for g in COUPLING_GROUPS]
+                ax.bar(x + 0.4 * j, means, 0.4, label=f"{name} queries")
             ax.set_xticks(x + 0.2, COUPLING_GROUPS, rotation=20, fontsize=8)
             ax.axhline(0, color="k", lw=0.5)
             ax.set(ylabel="mean change in log-prob", title=f"reinforcing {r['completion']!r} on {r['query']!r}")
@@ -1547,7 +1600,8 @@ def plot_explain(report: dict, out: Path) -> None:
             order = np.argsort(r["probs"]["base"])[::-1]
             for name, probs in r["probs"].items():
                 ax.plot(np.array(probs)[order], marker="o", ms=3, label=name, ls="--" if name == "base" else "-")
-            ax.set(yscale="log", xlabel="correct completions, by base probability", ylabel="exact probability", title=f"mode mass on {r['query']!r}")
+            ax.set(yscale="log", xlabel="correct completions, by base probability", ylabel="exact probability",
+                   title=f"mode mass on {r['query']!r}")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -1590,7 +1644,8 @@ def load_tasks(folder: str | Path, split: str) -> list[dict]:
     """Read and check one split; any problem ends with a message naming the file and line."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"task folder {str(folder)!r} not found (make one with: python rlvr.py make-tasks --out {folder})")
+        raise UserError(f"task folder {str(folder)!r} not found "
+                        f"(make one with: python rlvr.py make-tasks --out {folder})")
     path = folder / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: missing (a task folder needs train.jsonl, val.jsonl and test.jsonl)")
@@ -1611,33 +1666,40 @@ def load_tasks(folder: str | Path, split: str) -> list[dict]:
 
 
 def check_overlap(splits: dict[str, list[dict]]) -> list[str]:
-    """Prompts that appear in the training split and in a held-out one (held-out numbers would then be train numbers)."""
+    """Prompts in the training split and in a held-out one (held-out numbers would then be train numbers)."""
     train = {t["prompt"] for t in splits.get("train", [])}
-    return sorted({f"{name}: {t['prompt']!r}" for name, ts in splits.items() if name != "train" for t in ts if t["prompt"] in train})
+    return sorted({f"{name}: {t['prompt']!r}" for name, ts in splits.items() if name != "train"
+                   for t in ts if t["prompt"] in train})
 
 
 def validate_config(cfg: Config) -> None:
     """Refuse impossible settings before any work starts."""
     checks = [
-        (cfg.group_size >= 2, f"--group-size must be at least 2 (a group of one has no baseline), got {cfg.group_size}"),
+        (cfg.group_size >= 2,
+         f"--group-size must be at least 2 (a group of one has no baseline), got {cfg.group_size}"),
         (cfg.queries_per_step >= 1, f"--queries-per-step must be at least 1, got {cfg.queries_per_step}"),
         (cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}"),
         (cfg.lr > 0 and cfg.ws_lr > 0 and cfg.mem_lr > 0, "learning rates (--lr, --ws-lr, --mem-lr) must be positive"),
         (cfg.eval_n >= 1, f"--eval-n must be at least 1, got {cfg.eval_n}"),
-        (1 <= cfg.passk_k <= cfg.group_size, f"--passk-k must be in 1..group size ({cfg.group_size}), got {cfg.passk_k}"),
-        (0 <= cfg.dlc_mu <= 2, f"--dlc-mu must be in [0, 2] (mu > 1 already samples against the policy's own ranking), got {cfg.dlc_mu}"),
+        (1 <= cfg.passk_k <= cfg.group_size,
+         f"--passk-k must be in 1..group size ({cfg.group_size}), got {cfg.passk_k}"),
+        (0 <= cfg.dlc_mu <= 2,
+         f"--dlc-mu must be in [0, 2] (mu > 1 already samples against the policy's own ranking), got {cfg.dlc_mu}"),
         (0 <= cfg.dlc_min_p < 1, f"--dlc-min-p must be in [0, 1), got {cfg.dlc_min_p}"),
         (cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}"),
         (cfg.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}"),
         (0 < cfg.clip_eps < 1 and cfg.clip_eps_high > 0, "--clip-eps must be in (0, 1) and --clip-eps-high positive"),
-        (cfg.ppo_epochs >= 1 and cfg.ws_steps >= 0 and cfg.ws_batch >= 1, "--ppo-epochs and --ws-batch must be >= 1, --ws-steps >= 0"),
-        (cfg.iac_alpha >= 0 and cfg.kl_coef >= 0 and cfg.entropy_coef >= 0, "--iac-alpha, --kl-coef and --entropy-coef must be >= 0"),
+        (cfg.ppo_epochs >= 1 and cfg.ws_steps >= 0 and cfg.ws_batch >= 1,
+         "--ppo-epochs and --ws-batch must be >= 1, --ws-steps >= 0"),
+        (cfg.iac_alpha >= 0 and cfg.kl_coef >= 0 and cfg.entropy_coef >= 0,
+         "--iac-alpha, --kl-coef and --entropy-coef must be >= 0"),
         (cfg.mem_window >= 1 and cfg.mem_steps >= 1 and cfg.mem_width >= 1,
-         "--mem-window, --mem-steps and --mem-width must be >= 1 (with 0 memory steps DLC would sample the plain policy)"),
+         "--mem-window, --mem-steps and --mem-width must be >= 1 (0 memory steps: DLC would be the plain policy)"),
         (cfg.eval_split in ("val", "test"), f"--eval-split must be val or test, got {cfg.eval_split!r}"),
         (cfg.micro_batch >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0 and cfg.threads >= 0,
          "--micro-batch, --eval-every, --save-every and --threads must be >= 0"),
-        (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}"),
+        (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"),
+         f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1709,7 +1771,7 @@ def save_policy(model, tokenizer, path: Path, extra: dict[str, object] | None = 
 
 
 def save_state(out: Path, policy, tokenizer, opt, memory, state: dict) -> None:
-    """The checkpoint: policy and tokenizer (from_pretrained-ready), memory network, and everything to resume exactly."""
+    """The checkpoint: policy and tokenizer (from_pretrained-ready), memory network, everything to resume exactly."""
     extra = {"trainer_state.pt": {**state, "optimizer": opt.state_dict()}}
     if memory is not None:
         extra["memory.pt"] = memory.state_dict()
@@ -1772,7 +1834,8 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
     todo = [c for c in cfgs.values() if not (Path(c.out) / "summary.json").exists()]  # resumable
     print(f"compare: {len(cfgs)} runs, {len(cfgs) - len(todo)} already finished, {jobs} parallel job(s)")
     base_seeds = sorted({warmstart_seed(dataclasses.replace(cfg, seed=s)) for s in seeds})
-    bases = [(dataclasses.asdict(dataclasses.replace(cfg, seed=s, base_seed=s, threads=threads)), "base") for s in base_seeds]
+    bases = [(dataclasses.asdict(dataclasses.replace(cfg, seed=s, base_seed=s, threads=threads)), "base")
+             for s in base_seeds]
     work = [(dataclasses.asdict(c), "run") for c in todo]
     if jobs > 1:
         import multiprocessing as mp
@@ -1801,11 +1864,12 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
         results["summary"][name] = per_split
     reference = "grpo" if "grpo" in methods else methods[0]
     results["paired_vs"], results["paired"] = reference, {}
+    final = lambda m, s, split: _flat(runs[run_name(m, s)]["final"][split])  # noqa: E731
     for m in methods:  # per-seed differences to the reference: same base, same seed, so much of the noise cancels
         if m != reference:
-            results["paired"][m] = {split: {k: mean_ci([_flat(runs[run_name(m, s)]["final"][split])[k]
-                                                        - _flat(runs[run_name(reference, s)]["final"][split])[k] for s in seeds])
-                                            for k in _flat(runs[run_name(m, seeds[0])]["final"][split])} for split in splits}
+            results["paired"][m] = {split: {k: mean_ci([final(m, s, split)[k] - final(reference, s, split)[k]
+                                                        for s in seeds]) for k in final(m, seeds[0], split)}
+                                    for split in splits}
     for m in methods:
         results["summary"][m]["budget"] = {k: mean_ci([runs[run_name(m, s)]["budget"][k] for s in seeds])
                                            for k in ("rollouts", "generated_tokens")}
@@ -1885,7 +1949,8 @@ def plot_results(results: dict, out: Path) -> None:
         path = Path(run["config"]["out"]) / "metrics.jsonl"
         if not path.exists():
             continue
-        records = {r["step"]: r["eval"] for r in map(json.loads, path.read_text().splitlines()) if "eval" in r}  # last per step
+        lines = map(json.loads, path.read_text().splitlines())
+        records = {r["step"]: r["eval"] for r in lines if "eval" in r}  # the last one per step
         records[0] = run["base"]  # every curve starts at the base
         for step, ev in records.items():
             c = curves.setdefault(method, {}).setdefault(step, [])
@@ -1906,7 +1971,8 @@ def plot_results(results: dict, out: Path) -> None:
         ax.plot([b["train"]["pass@1"]], [b[held][key]], "k*", ms=10)
     axes[0].set(xlabel="RL step", ylabel="train pass@1", title="accuracy over training")
     axes[1].set(xlabel="RL step", ylabel=f"{held} coverage", title="held-out diversity over training")
-    axes[2].set(xlabel="train pass@1", ylabel=f"{held} coverage", title="diversity at matched accuracy (higher is better)")
+    axes[2].set(xlabel="train pass@1", ylabel=f"{held} coverage",
+                title="diversity at matched accuracy (higher is better)")
     axes[3].set(xlabel="train pass@1", ylabel=f"{held} pass@1", title="generalisation at matched accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -1953,8 +2019,10 @@ class ModelTimer:
             _sync(self.device)
             self.seconds += time.perf_counter() - self.t0.pop(id(module))
 
-        self.hooks = [m.register_forward_pre_hook(pre) for m in (self.model.base_model, self.model.get_output_embeddings())]
-        self.hooks += [m.register_forward_hook(post) for m in (self.model.base_model, self.model.get_output_embeddings())]
+        parts = (self.model.base_model, self.model.get_output_embeddings())
+        self.hooks = [m.register_forward_pre_hook(pre) for m in parts] + [m.register_forward_hook(post) for m in parts]
+        # backward passes have no module hook that spans them, so Tensor.backward itself is timed while inside the
+        # `with` block (and restored on exit): the benchmark runs nothing else in that time
         self.backward, timer = torch.Tensor.backward, self
 
         def timed_backward(tensor, *args, **kwargs):
@@ -2001,18 +2069,20 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
 
     queries, prompts = batch(cfg.queries_per_step)
     for _ in range(3):  # warm up, and give the memory something to remember
-        rl_step(dataclasses.replace(cfg, method="iac+dlc"), policy, tokenizer, opt, train_set, queries, gen, None, memory)
+        rl_step(dataclasses.replace(cfg, method="iac+dlc"), policy, tokenizer, opt, train_set, queries, gen,
+                memory=memory)
 
     def ours(mem=None, prompts=prompts, T=cfg.max_new_tokens, stop=True):
-        r = sample(policy, tokenizer, prompts, T, cfg.temperature, gen, memory=mem, mu=cfg.dlc_mu, min_p=cfg.dlc_min_p, stop_at_eos=stop)
+        r = sample(policy, tokenizer, prompts, T, cfg.temperature, gen, memory=mem, mu=cfg.dlc_mu, min_p=cfg.dlc_min_p,
+                   stop_at_eos=stop)
         _sync(device)
         return int(r.completion_mask.sum()) if stop else r.completion_ids.numel()
 
     ids, mask = pad_left(prompts, tokenizer.pad_token_id, device)
 
     def hf_generate():
-        out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                              max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_k=0,
+                              top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id, generator=None)
         _sync(device)
         comp = out[:, ids.shape[1]:]
@@ -2054,7 +2124,8 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
             q, p = batch(max(1, n_seq // cfg.group_size))
             fixed = T != cfg.max_new_tokens
             n_rep = max(3, repeats // 3)
-            tok_s = float(np.median([n / t for n, t in (_timed(lambda: ours(None, p, T, stop=not fixed)) for _ in range(n_rep))]))
+            timings = (_timed(lambda: ours(None, p, T, stop=not fixed)) for _ in range(n_rep))
+            tok_s = float(np.median([n / t for n, t in timings]))
             sc = dataclasses.replace(cfg, max_new_tokens=T)
             st = _median_time(lambda: rl_step(sc, policy, tokenizer, opt, train_set, q, gen), n_rep)
             result["scaling"].append({"sequences": len(p), "max_new_tokens": T, "stop_at_eos": not fixed,
@@ -2064,7 +2135,8 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
 
 def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
     """Our RL step vs TRL's GRPOTrainer on the same saved base policy, prompts per step, group, length; one update
-    per batch, no KL, token-level loss in both. Needs `pip install trl` (not a dependency): blocks of steps alternate."""
+    per batch, no KL, token-level loss in both. Needs `pip install trl` (not a dependency); blocks of steps
+    alternate."""
     import datasets
     import trl
     from transformers import TrainerCallback
@@ -2087,7 +2159,8 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
             self.times.append(time.perf_counter() - self.t0)
 
     rng = random.Random(cfg.seed)
-    rows = [{"prompt": train_set.tasks[rng.randrange(len(train_set))]["prompt"]} for _ in range(cfg.queries_per_step * (steps + 4) * rounds)]
+    rows = [{"prompt": train_set.tasks[rng.randrange(len(train_set))]["prompt"]}
+            for _ in range(cfg.queries_per_step * (steps + 4) * rounds)]
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     trl_times, our_times = [], []
@@ -2095,13 +2168,15 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
         for r in range(rounds):
             timer = StepTimer()
             args = trl.GRPOConfig(
-                output_dir=tmp, per_device_train_batch_size=cfg.queries_per_step * cfg.group_size, num_generations=cfg.group_size,
-                max_completion_length=cfg.max_new_tokens, num_iterations=1, beta=0.0, learning_rate=cfg.lr, max_steps=steps + 2,
+                output_dir=tmp, per_device_train_batch_size=cfg.queries_per_step * cfg.group_size,
+                num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens, num_iterations=1, beta=0.0,
+                learning_rate=cfg.lr, max_steps=steps + 2,
                 temperature=cfg.temperature, use_cpu=device.type == "cpu", bf16=amp_dtype(device) is not None,
                 gradient_checkpointing=False,
                 logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed + r,
                 model_init_kwargs={"attn_implementation": attention_for(cfg)})  # the same attention kernels as ours
-            trainer = trl.GRPOTrainer(model=str(base_path), reward_funcs=reward, args=args, train_dataset=datasets.Dataset.from_list(rows),
+            trainer = trl.GRPOTrainer(model=str(base_path), reward_funcs=reward, args=args,
+                                      train_dataset=datasets.Dataset.from_list(rows),
                                       processing_class=tokenizer, callbacks=[timer])
             trainer.train()
             trl_times += timer.times[2:]  # the first steps warm up
@@ -2114,7 +2189,8 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
     trl_s, our_s = float(np.median(trl_times)), float(np.median(our_times))
     return {"trl_version": trl.__version__, "trl_step_s": round(trl_s, 4), "rl_step_s": round(our_s, 4),
             "speedup_vs_trl": round(trl_s / our_s, 2), "steps_timed": [len(trl_times), len(our_times)],
-            "batch": f"{cfg.queries_per_step}x{cfg.group_size}", "max_new_tokens": cfg.max_new_tokens, "threads": torch.get_num_threads()}
+            "batch": f"{cfg.queries_per_step}x{cfg.group_size}", "max_new_tokens": cfg.max_new_tokens,
+            "threads": torch.get_num_threads()}
 
 # ----------------------------------------------------------------------------------------------
 # The task generator (python rlvr.py make-tasks)
@@ -2128,7 +2204,8 @@ WORD_TEMPLATES = [  # (story, the answer's value from the numbers a, b, c)
 ]
 
 
-NAMES, ITEMS = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"], ["apples", "pencils", "stickers", "marbles", "cookies"]
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"]
+ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies"]
 
 
 def make_word_problems(rng: random.Random, n: int) -> list[dict]:
@@ -2141,10 +2218,11 @@ def make_word_problems(rng: random.Random, n: int) -> list[dict]:
         if text in seen:
             continue
         seen.add(text)
-        prompt = (f"{text} Write one arithmetic expression that uses each of the numbers {a}, {b} and {c} exactly once, "
-                  f"with only +, - and * and no brackets, whose value is how many there are at the end. "
+        prompt = (f"{text} Write one arithmetic expression that uses each of the numbers {a}, {b} and {c} exactly "
+                  f"once, with only +, - and * and no brackets, whose value is how many there are at the end. "
                   f"Put the expression alone on the last line.")
-        task = {"id": f"wp-{len(tasks)}", "type": "word_problem", "prompt": prompt, "numbers": [a, b, c], "target": value(a, b, c)}
+        task = {"id": f"wp-{len(tasks)}", "type": "word_problem", "prompt": prompt, "numbers": [a, b, c],
+                "target": value(a, b, c)}
         task["num_solutions"] = len(enumerate_countdown(task))
         tasks.append(task)
     return tasks
@@ -2177,7 +2255,8 @@ def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] =
     first_val = min(n_val, 40)
     test_start = n_train + 40
     splits["train"] += pool[:n_train]
-    splits["val"] += pool[n_train:n_train + first_val] + pool[test_start + n_test:test_start + n_test + n_val - first_val]
+    after_test = test_start + n_test
+    splits["val"] += pool[n_train:n_train + first_val] + pool[after_test:after_test + n_val - first_val]
     splits["test"] += pool[test_start:test_start + n_test]
     # word problems for real language models (--model), in their own folder: toy_tasks/word_problems
     words = make_word_problems(rng, 100)
@@ -2189,7 +2268,8 @@ def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] =
             with open(folder / f"{name}.jsonl", "w") as f:
                 for task in tasks:
                     f.write(json.dumps(task) + "\n")
-    return {name: len(tasks) for name, tasks in splits.items()} | {f"word_problems/{k}": len(v) for k, v in word_splits.items()}
+    counts = {name: len(tasks) for name, tasks in splits.items()}
+    return counts | {f"word_problems/{k}": len(v) for k, v in word_splits.items()}
 
 # ----------------------------------------------------------------------------------------------
 # Scaling out: IAC on flat tensors, and as an advantage estimator of verl (multi-GPU RLVR)
@@ -2201,7 +2281,8 @@ def group_index(group_ids) -> torch.Tensor:
     return torch.tensor([dense.setdefault(x, len(dense)) for x in labels], dtype=torch.long)
 
 
-def inverse_success_calibration_flat(advantages: torch.Tensor, rewards: torch.Tensor, group_ids, alpha: float = 1.0) -> torch.Tensor:
+def inverse_success_calibration_flat(advantages: torch.Tensor, rewards: torch.Tensor, group_ids,
+                                     alpha: float = 1.0) -> torch.Tensor:
     """IAC on flat [N] tensors plus a group label per sample (the layout of verl and TRL; groups may differ in size).
 
     Same rule as `inverse_success_calibration`: successes x (group size - group's correct count)^alpha.
@@ -2301,7 +2382,8 @@ def main(argv: list[str] | None = None) -> None:
     rest = argv[1:] if cmd != "demo" else argv
     if cmd == "train":
         p = config_parser("train")
-        p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR with its saved config (other flags are ignored)")
+        p.add_argument("--resume", metavar="DIR",
+                       help="continue the interrupted run in DIR with its saved config (other flags are ignored)")
         args = p.parse_args(rest)
         cfg = config_from(args)
         if args.resume:
@@ -2316,9 +2398,11 @@ def main(argv: list[str] | None = None) -> None:
         print(make_tasks(a.out, a.seed))
     elif cmd == "compare":
         p = config_parser("compare")
-        p.add_argument("--methods", default="grpo,iac,dlc,iac+dlc", help="comma-separated methods, all from the same base per seed")
+        p.add_argument("--methods", default="grpo,iac,dlc,iac+dlc",
+                       help="comma-separated methods, all from the same base per seed")
         p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-        p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel (each gets cores/jobs threads)")
+        p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                       help="runs in parallel (each gets cores/jobs threads)")
         p.set_defaults(out="runs/compare")
         args = p.parse_args(rest)
         cfg = config_from(args)
@@ -2328,13 +2412,15 @@ def main(argv: list[str] | None = None) -> None:
     elif cmd == "explain":
         p = config_parser("explain")
         p.add_argument("--runs", default="runs/demo", help="folder whose */checkpoint columns join the mode mass table")
-        p.add_argument("--lesson", default="all", choices=["all", "bias", "coupling", "modes"], help="which lesson to run")
+        p.add_argument("--lesson", default="all", choices=["all", "bias", "coupling", "modes"],
+                       help="which lesson to run")
         p.set_defaults(out="runs/explain")
         args = p.parse_args(rest)
         explain(config_from(args), Path(args.runs), args.lesson)
     elif cmd == "bench":
         p = config_parser("bench")
-        p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer on the same policy (needs pip install trl)")
+        p.add_argument("--trl", action="store_true",
+                       help="also time TRL's GRPOTrainer on the same policy (needs pip install trl)")
         p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
         p.set_defaults(out="runs/bench")
         args = p.parse_args(rest)
@@ -2348,7 +2434,8 @@ def main(argv: list[str] | None = None) -> None:
     elif cmd == "demo":
         demo(rest)
     else:
-        sys.exit(f"rlvr.py: unknown command {cmd!r} (use train, compare, explain, bench, make-tasks, or no command for the demo)")
+        sys.exit(f"rlvr.py: unknown command {cmd!r} "
+                 "(use train, compare, explain, bench, make-tasks, or no command for the demo)")
 
 
 def cli(argv: list[str] | None = None) -> None:
