@@ -961,7 +961,6 @@ class Batch:
     distinct_correct: int            # distinct (query, answer) pairs among the correct rollouts
     outcome_counts: dict             # the outcome counts with this batch added, committed once the step succeeds
     graph: tuple | None = None       # (logp, entropy) with their autograd graph, when one forward covered the batch
-    stepped: bool = False            # set when the optimiser begins to step
 
 
 def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries: list[int], noise_seed: int,
@@ -1045,7 +1044,6 @@ def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
             opt.zero_grad(set_to_none=True)
             skipped += 1
             continue
-        batch.stepped = True  # from here on the weights and the optimiser's state change: no redo possible
         opt.step()
     stats = {"loss": loss, "grad_norm": grad_norm.item(), "entropy": entropy_sum / n_tokens, "skipped_updates": skipped,
              "clip_frac": clip_frac / (n_tokens * cfg.ppo_epochs)}  # over every micro-batch of every epoch
@@ -1056,53 +1054,21 @@ def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
 
 def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int], gen: torch.Generator,
             base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> dict:
-    """One RL step: collect rollouts, let the memory learn them (DLC), update the policy, commit outcome counts.
-
-    On CUDA out-of-memory before the optimiser steps (sampling, forward, backward, the memory's update: where the
-    memory peaks), the step is redone with micro-batches half the size from the state it started in: the sampler's
-    generator, the memory (net, optimiser, window) and the outcome counts (committed only at the end). Same
-    rollouts, same update. After the optimiser has begun to step, the run stops with a message instead.
-    """
-    gen_state = gen.get_state()
-    memory_state = memory.snapshot() if memory is not None else None
-    memory_ooms = 0
-    while True:
-        batch, phase = None, "rollouts"
-        try:
-            noise_seed = int(torch.randint(2**62, (1,), generator=gen, device=gen.device))
-            batch = collect_rollouts(cfg, policy, tokenizer, train_set, queries, noise_seed, base=base, memory=memory,
-                                     outcome_counts=outcome_counts)
-            stats, phase = {}, "memory"
-            if memory is not None:  # it learns this batch's states, taken before the update, so the order is free
-                stats["memory_loss"] = memory.update(batch.hidden, batch.rollouts.completion_ids,
-                                                     batch.rollouts.completion_mask)
-            phase = "policy"
-            stats |= update_policy(cfg, policy, opt, batch)
-            if outcome_counts is not None:
-                outcome_counts.update(batch.outcome_counts)
-            return {"reward": batch.rewards.mean().item(), "distinct_correct": batch.distinct_correct,
-                    "tokens": int(batch.rollouts.completion_mask.sum()), **stats}
-        except torch.OutOfMemoryError:
-            if phase == "policy" and batch.stepped:  # its state is allocated on the first step; later epochs repeat
-                raise UserError("out of GPU memory after the optimiser began to update the weights: a redo would "
-                                "apply the update twice, and smaller micro-batches would not shrink the optimiser's "
-                                "state. The last checkpoint is intact: free memory or use a smaller model, then "
-                                "--resume") from None
-            memory_ooms += phase == "memory"
-            if memory_ooms > 1:  # one redo frees the kept graph; after that micro-batches do not shrink this update
-                raise UserError("out of GPU memory in the memory network's update, which smaller micro-batches do "
-                                "not shrink: lower --mem-window or --mem-width") from None
-            size = len(queries) * cfg.group_size
-            if (cfg.micro_batch or size) <= 1:
-                raise
-            cfg.micro_batch = max(1, (cfg.micro_batch or size) // 2)
-            print(f"rlvr.py: out of GPU memory; redoing the step with --micro-batch {cfg.micro_batch}", file=sys.stderr)
-            opt.zero_grad(set_to_none=True)
-            gen.set_state(gen_state)
-            if memory is not None:
-                memory.load_state_dict(copy.deepcopy(memory_state))  # a copy: loading could alias the snapshot
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    """One RL step, the paper's algorithm box: sample a group per query (DLC: from the calibrated distribution),
+    verify, turn rewards into advantages (IAC), let the memory learn what was sampled, update the policy.
+    `rl_step_or_redo` (Part 3) wraps it so that a CUDA out-of-memory error redoes it in smaller micro-batches."""
+    noise_seed = int(torch.randint(2**62, (1,), generator=gen, device=gen.device))
+    batch = collect_rollouts(cfg, policy, tokenizer, train_set, queries, noise_seed, base=base, memory=memory,
+                             outcome_counts=outcome_counts)
+    stats = {}
+    if memory is not None:  # it learns this batch's states, taken before the update, so the order is free
+        stats["memory_loss"] = memory.update(batch.hidden, batch.rollouts.completion_ids,
+                                             batch.rollouts.completion_mask)
+    stats |= update_policy(cfg, policy, opt, batch)
+    if outcome_counts is not None:  # committed last: a redone step must not count its rollouts twice
+        outcome_counts.update(batch.outcome_counts)
+    return {"reward": batch.rewards.mean().item(), "distinct_correct": batch.distinct_correct,
+            "tokens": int(batch.rollouts.completion_mask.sum()), **stats}
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
@@ -1185,7 +1151,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                          initial=progress["step"], total=cfg.steps):
             queries = [query_rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
             t0 = time.perf_counter()
-            stats = rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory, outcome_counts)
+            stats = rl_step_or_redo(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory, outcome_counts)
             progress["rl_s"] += time.perf_counter() - t0
             progress["tokens"] += stats["tokens"]
             progress["skipped_updates"] += stats["skipped_updates"]
@@ -1786,6 +1752,47 @@ def load_checkpoint(path: str | Path, cfg: Config, device: torch.device):
         memory = Memory(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg, device)
         memory.load_state_dict(torch.load(Path(path) / "memory.pt", map_location=device, weights_only=False))
     return model, tokenizer, memory
+
+# ----------------------------------------------------------------------------------------------
+# Out-of-memory: redo a step in smaller micro-batches, from exactly the state it started in
+# ----------------------------------------------------------------------------------------------
+def rl_step_or_redo(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int],
+                    gen: torch.Generator, base=None, memory: Memory | None = None,
+                    outcome_counts: dict | None = None) -> dict:
+    """`rl_step`; on CUDA out-of-memory before the optimiser steps (sampling, forward, backward, the memory's
+    update: where memory peaks), redone with micro-batches half the size from the state it started in: the
+    sampler's generator and the memory (net, optimiser, window); outcome counts are committed only at the end.
+    Same rollouts, same update. Once the optimiser has begun a step the run stops with a message instead: a redo
+    would apply the update twice, and micro-batches cannot shrink the optimiser's state."""
+    gen_state = gen.get_state()
+    memory_state = memory.snapshot() if memory is not None else None
+    stepped = []
+    hook = opt.register_step_pre_hook(lambda *args: stepped.append(True))
+    try:
+        while True:
+            try:
+                return rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory, outcome_counts)
+            except torch.OutOfMemoryError:
+                if stepped:
+                    raise UserError("out of GPU memory after the optimiser began to update the weights: a redo "
+                                    "would apply the update twice. The last checkpoint is intact: free memory or "
+                                    "use a smaller model, then --resume") from None
+                size = len(queries) * cfg.group_size
+                if (cfg.micro_batch or size) <= 1:
+                    raise UserError("out of GPU memory even with --micro-batch 1: the model and its optimiser, or the "
+                                    "memory network (lower --mem-window or --mem-width), do not fit") from None
+                cfg.micro_batch = max(1, (cfg.micro_batch or size) // 2)
+                print(f"rlvr.py: out of GPU memory; redoing the step with --micro-batch {cfg.micro_batch}",
+                      file=sys.stderr)
+                opt.zero_grad(set_to_none=True)
+                gen.set_state(gen_state)
+                if memory is not None:
+                    memory.load_state_dict(copy.deepcopy(memory_state))  # a copy: loading could alias the snapshot
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    finally:
+        hook.remove()
+
 
 # ----------------------------------------------------------------------------------------------
 # Experiments: every method from the same base per seed, same budget, mean and 95% CI over seeds

@@ -1,6 +1,7 @@
 """Tests for rlvr.py. Run: python -m pytest -q  (about a minute on 2 CPU cores)."""
 import copy
 import dataclasses
+import importlib
 import itertools
 import json
 import math
@@ -675,7 +676,8 @@ def _oom_run(model, tokenizer, train, cfg, monkeypatch, inject=None):
     if inject:
         _fail_once(monkeypatch, *inject)
     try:
-        stats = rlvr.rl_step(step_cfg, policy, tokenizer, opt, train, queries, gen, memory=memory, outcome_counts=counts)
+        stats = rlvr.rl_step_or_redo(step_cfg, policy, tokenizer, opt, train, queries, gen, memory=memory,
+                                     outcome_counts=counts)
     finally:
         monkeypatch.undo()
     return stats, policy, memory, counts, gen.get_state(), step_cfg.micro_batch
@@ -700,32 +702,32 @@ def test_out_of_memory_before_the_update_redoes_the_step_exactly(tmp_path, task_
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_out_of_memory_in_the_memory_update_twice_stops_with_a_message(tmp_path, task_dir, tokenizer, warm_model,
-                                                                       monkeypatch):
+def test_out_of_memory_that_micro_batches_cannot_fix_stops_with_a_message(tmp_path, task_dir, tokenizer, warm_model,
+                                                                          monkeypatch):
+    """An update of the memory network that never fits: halve down to one row, then one clear line, no traceback."""
     model, train = warm_model
     cfg = tiny_cfg(tmp_path, task_dir, group_size=8, method="iac+dlc")
     memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), cfg, torch.device("cpu"))
-    calls = {"n": 0}
 
     def no_memory(*args, **kw):
-        calls["n"] += 1
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(rlvr.Memory, "update", no_memory)
     policy = copy.deepcopy(model)
-    with pytest.raises(rlvr.UserError, match="--mem-window"):
-        rlvr.rl_step(cfg, policy, tokenizer, torch.optim.AdamW(policy.parameters()), train, list(range(len(train))),
-                     torch.Generator().manual_seed(0), memory=memory)
-    assert calls["n"] == 2  # one redo (which drops the kept graph), not a halving down to one row
+    with pytest.raises(rlvr.UserError, match="even with --micro-batch 1.*--mem-window"):
+        rlvr.rl_step_or_redo(cfg, policy, tokenizer, torch.optim.AdamW(policy.parameters()), train,
+                             list(range(len(train))), torch.Generator().manual_seed(0), memory=memory)
+    assert cfg.micro_batch == 1
 
 
-@pytest.mark.parametrize("inject", [("completion_logprobs", 2), ("step", 1)])  # the second PPO epoch; inside AdamW
+# the second PPO epoch; inside the policy's AdamW step (after the memory's 4 Adam steps, which come first)
+@pytest.mark.parametrize("inject", [("completion_logprobs", 2), ("adam", 5)])
 def test_out_of_memory_after_the_optimiser_stepped_stops_with_a_message(tmp_path, task_dir, tokenizer, warm_model,
                                                                          monkeypatch, inject):
     """Once weights and optimiser state began to change, a redo would apply the update twice: stop instead."""
     model, train = warm_model
     cfg = tiny_cfg(tmp_path, task_dir, group_size=8, method="grpo+iac+dlc", ppo_epochs=2)
-    owner = torch.optim.AdamW if inject[0] == "step" else rlvr
+    owner = importlib.import_module("torch.optim.adam") if inject[0] == "adam" else rlvr  # AdamW.step runs adam()
     with pytest.raises(rlvr.UserError, match="optimiser began to update the weights"):
         _oom_run(model, tokenizer, train, cfg, monkeypatch, (owner, *inject))
 
@@ -942,7 +944,7 @@ def test_out_of_memory_retries_with_micro_batches(tmp_path, task_dir, tokenizer,
     oom = copy.deepcopy(model)
     opt = torch.optim.AdamW(oom.parameters(), lr=1e-3)
     cfg_oom = dataclasses.replace(cfg)
-    stats = rlvr.rl_step(cfg_oom, oom, tokenizer, opt, train, queries, torch.Generator().manual_seed(0))
+    stats = rlvr.rl_step_or_redo(cfg_oom, oom, tokenizer, opt, train, queries, torch.Generator().manual_seed(0))
     assert cfg_oom.micro_batch == 12 and stats["reward"] == stats_ref["reward"]  # 48 sequences -> 24 -> 12
     for a, b in zip(ref.parameters(), oom.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
