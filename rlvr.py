@@ -1065,10 +1065,11 @@ def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: li
         stats["memory_loss"] = memory.update(batch.hidden, batch.rollouts.completion_ids,
                                              batch.rollouts.completion_mask)
     stats |= update_policy(cfg, policy, opt, batch)
+    stats = {"reward": batch.rewards.mean().item(), "distinct_correct": batch.distinct_correct,
+             "tokens": int(batch.rollouts.completion_mask.sum()), **stats}
     if outcome_counts is not None:  # committed last: a redone step must not count its rollouts twice
         outcome_counts.update(batch.outcome_counts)
-    return {"reward": batch.rewards.mean().item(), "distinct_correct": batch.distinct_correct,
-            "tokens": int(batch.rollouts.completion_mask.sum()), **stats}
+    return stats
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
@@ -1756,6 +1757,9 @@ def load_checkpoint(path: str | Path, cfg: Config, device: torch.device):
 # ----------------------------------------------------------------------------------------------
 # Out-of-memory: redo a step in smaller micro-batches, from exactly the state it started in
 # ----------------------------------------------------------------------------------------------
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5+
+
+
 def rl_step_or_redo(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: list[int],
                     gen: torch.Generator, base=None, memory: Memory | None = None,
                     outcome_counts: dict | None = None) -> dict:
@@ -1772,16 +1776,17 @@ def rl_step_or_redo(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, que
         while True:
             try:
                 return rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory, outcome_counts)
-            except torch.OutOfMemoryError:
+            except OUT_OF_MEMORY:
                 if stepped:
                     raise UserError("out of GPU memory after the optimiser began to update the weights: a redo "
-                                    "would apply the update twice. The last checkpoint is intact: free memory or "
-                                    "use a smaller model, then --resume") from None
-                size = len(queries) * cfg.group_size
-                if (cfg.micro_batch or size) <= 1:
+                                    "would apply the update twice, and micro-batches cannot shrink the optimiser's "
+                                    "state. Checkpoints already written are intact: free memory or use a smaller "
+                                    "model, then --resume") from None
+                current = min(cfg.micro_batch or len(queries) * cfg.group_size, len(queries) * cfg.group_size)
+                if current <= 1:
                     raise UserError("out of GPU memory even with --micro-batch 1: the model and its optimiser, or the "
                                     "memory network (lower --mem-window or --mem-width), do not fit") from None
-                cfg.micro_batch = max(1, (cfg.micro_batch or size) // 2)
+                cfg.micro_batch = max(1, current // 2)
                 print(f"rlvr.py: out of GPU memory; redoing the step with --micro-batch {cfg.micro_batch}",
                       file=sys.stderr)
                 opt.zero_grad(set_to_none=True)

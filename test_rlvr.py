@@ -1,7 +1,6 @@
 """Tests for rlvr.py. Run: python -m pytest -q  (about a minute on 2 CPU cores)."""
 import copy
 import dataclasses
-import importlib
 import itertools
 import json
 import math
@@ -720,14 +719,14 @@ def test_out_of_memory_that_micro_batches_cannot_fix_stops_with_a_message(tmp_pa
     assert cfg.micro_batch == 1
 
 
-# the second PPO epoch; inside the policy's AdamW step (after the memory's 4 Adam steps, which come first)
-@pytest.mark.parametrize("inject", [("completion_logprobs", 2), ("adam", 5)])
+# the second PPO epoch; inside the policy's AdamW step (the memory's optimiser is a plain Adam)
+@pytest.mark.parametrize("inject", [("completion_logprobs", 2), ("_init_group", 1)])
 def test_out_of_memory_after_the_optimiser_stepped_stops_with_a_message(tmp_path, task_dir, tokenizer, warm_model,
                                                                          monkeypatch, inject):
     """Once weights and optimiser state began to change, a redo would apply the update twice: stop instead."""
     model, train = warm_model
     cfg = tiny_cfg(tmp_path, task_dir, group_size=8, method="grpo+iac+dlc", ppo_epochs=2)
-    owner = importlib.import_module("torch.optim.adam") if inject[0] == "adam" else rlvr  # AdamW.step runs adam()
+    owner = torch.optim.AdamW if inject[0] == "_init_group" else rlvr  # AdamW.step calls _init_group after its hooks
     with pytest.raises(rlvr.UserError, match="optimiser began to update the weights"):
         _oom_run(model, tokenizer, train, cfg, monkeypatch, (owner, *inject))
 
@@ -948,6 +947,25 @@ def test_out_of_memory_retries_with_micro_batches(tmp_path, task_dir, tokenizer,
     assert cfg_oom.micro_batch == 12 and stats["reward"] == stats_ref["reward"]  # 48 sequences -> 24 -> 12
     for a, b in zip(ref.parameters(), oom.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_out_of_memory_halving_starts_from_the_batch_size(tmp_path, task_dir, tokenizer, warm_model, monkeypatch):
+    """--micro-batch above the batch: the first redo already splits it (no redo that changes nothing)."""
+    model, train = warm_model
+    cfg = tiny_cfg(tmp_path, task_dir, group_size=8, micro_batch=1024)
+    real, messages = rlvr.completion_logprobs, []
+
+    def small_gpu(model_, rollouts, **kw):
+        if rollouts.input_ids.shape[0] > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model_, rollouts, **kw)
+
+    monkeypatch.setattr(rlvr, "completion_logprobs", small_gpu)
+    monkeypatch.setattr(rlvr, "print", lambda *a, **kw: messages.append(a[0]), raising=False)
+    policy = copy.deepcopy(model)
+    rlvr.rl_step_or_redo(cfg, policy, tokenizer, torch.optim.AdamW(policy.parameters(), lr=1e-3), train,
+                         list(range(len(train))), torch.Generator().manual_seed(0))
+    assert cfg.micro_batch == 12 and len(messages) == 2  # 48 rollouts -> 24 -> 12
 
 
 def test_same_seed_same_summary(tmp_path, task_dir):
