@@ -829,20 +829,17 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
     # the correct modes (exact up to correct texts outside the canonical forms, whose sampled share is `noncanonical`)
     tempered = logprobs if temperature == 1.0 else sequence_logprobs(model, tokenizer, flat_prompts, flat_sols,
                                                                      temperature=temperature)
-    exact_k, exact_cov, start = {k: 0.0 for k in ks}, [], 0
-    for sols in taskset.solutions:
-        mode_probs = tempered[start:start + len(sols)].double().exp().tolist()
-        start += len(sols)
+    per_query = [len(sols) for sols in taskset.solutions]  # the flat tensors hold each query's modes in turn
+    exact_k, exact_cov = {k: 0.0 for k in ks}, []
+    for query_logprobs in torch.split(tempered, per_query):
+        mode_probs = query_logprobs.double().exp().tolist()
         for k in ks:
             exact_k[k] += exact_pass_at_k(sum(mode_probs), k) / len(taskset)
         exact_cov.append(exact_coverage(mode_probs, n))
     oversharpened = 0.0
-    if base_logprobs is not None:
-        below = (logprobs < base_logprobs).float()
-        start = 0
-        for sols in taskset.solutions:  # per-query share of correct modes that lost mass, then mean over queries
-            oversharpened += below[start:start + len(sols)].mean().item() / len(taskset)
-            start += len(sols)
+    if base_logprobs is not None:  # per-query share of correct modes that lost mass, then mean over queries
+        for below in torch.split((logprobs < base_logprobs).float(), per_query):
+            oversharpened += below.mean().item() / len(taskset)
     metrics = {"pass@1": pass_k[1], "pass@k": {str(k): v for k, v in pass_k.items()},
                "coverage": float(np.mean(coverage)), "oversharpened": oversharpened,
                "entropy": ent_sum / max(ent_count, 1),
