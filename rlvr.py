@@ -48,7 +48,7 @@ Run
   python rlvr.py compare --methods grpo,iac,dlc,iac+dlc --seeds 0,1,2,3,4 --out runs/compare
   python rlvr.py explain                           # sampling bias and semantic coupling, in seconds
   python rlvr.py bench --out runs/bench            # speed: sampler, DLC cost, RL step, scaling
-  python rlvr.py make-tasks --out toy_tasks        # regenerate the committed task files
+  python toy_tasks/make_tasks.py                   # regenerate the committed task files
   python -m pytest -q                              # the tests
 """
 from __future__ import annotations
@@ -162,16 +162,6 @@ class Config:
     eval_batch: int = knob(2048, "sequences per batched evaluation call")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def set_threads(cfg: Config) -> None:
-    n = cfg.threads or min(4, os.cpu_count() or 1)
-    torch.set_num_threads(n)
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and policy: a real transformers causal LM with a one-character-per-token tokenizer
 # ----------------------------------------------------------------------------------------------
@@ -195,11 +185,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 TINY_ATTENTION = "eager"  # 4 heads of 16 dims: the eager kernels' backward beats SDPA's on CPU (RL step 46 vs 50 ms)
 
 
-def attention_for(cfg) -> str | None:
-    """The attention kernels to load a policy with: ours for the built-in model, the model's own default otherwise."""
-    return None if cfg.model else TINY_ATTENTION
-
-
 def build_policy(cfg: Config, tokenizer) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -211,28 +196,6 @@ def build_policy(cfg: Config, tokenizer) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def load_policy(path: str | Path, device: torch.device, attn_implementation: str | None = None):
-    """Any causal LM, with fp32 weights on every device: they are the master weights the optimiser updates (a bf16
-    weight cannot hold a step of lr 1e-6: most such steps round to nothing). Speed on GPUs comes from `autocast`.
-    attn_implementation: TINY_ATTENTION for the built-in policy (not stored in its config.json)."""
-    kwargs = {"dtype": torch.float32}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
-    return model.eval(), load_tokenizer(path)
-
-
-def load_tokenizer(path: str | Path | None = None):
-    """The built-in character tokenizer, or a model's own, left-padding and with a pad token."""
-    if not path:
-        return build_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:  # Llama-style tokenizers have none; pads are masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def format_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids of each prompt, wrapped in the tokenizer's chat template when it has one (instruct models)."""
     if getattr(tokenizer, "chat_template", None):
@@ -240,24 +203,6 @@ def format_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
                                                  tokenize=False) for p in prompts]
     return tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype of the forward passes: bf16 on GPUs that support it (Ampere and newer), else fp32 (None). Weights,
-    gradients and optimiser state stay fp32 (mixed precision). fp32 on a T4: fp16 would need loss scaling."""
-    # compute capability 8+: is_bf16_supported() also says yes where bf16 is only emulated (slowly), e.g. a T4
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else None
-
-
-def autocast(device: torch.device):
-    """bf16 autocast where `amp_dtype` says so (log-softmax stays in fp32, see .float() calls); exact fp32 elsewhere."""
-    dtype = amp_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _cache_kwarg(model) -> str:
-    # renamed within transformers 5 (5.0: past_key_values; later 5.x: cache); every 5.x is allowed
-    params = inspect.signature(model.base_model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 # ----------------------------------------------------------------------------------------------
 # Tasks and verifiers: every query has many correct completions, all of them enumerable
@@ -429,9 +374,22 @@ class Rollouts:
     def completion_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_len:]
 
+    def rows(self, i: int, j: int) -> Rollouts:
+        """Rows i..j-1: one micro-batch."""
+        return Rollouts(**{k: v if v is None or k == "prompt_len" else v[i:j] for k, v in vars(self).items()})
 
-def pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
+    @staticmethod
+    def cat(parts: list[Rollouts]) -> Rollouts:
+        """Join micro-batches sampled with the same prompt width (see `sample(width=...)`)."""
+        def join(values):
+            if values[0] is None or isinstance(values[0], int):
+                return values[0]
+            return torch.cat(values) if isinstance(values[0], torch.Tensor) else [x for v in values for x in v]
+        return Rollouts(**{k: join([vars(p)[k] for p in parts]) for k in vars(parts[0])})
+
+
+def pad_left(seqs: list[list[int]], pad_id: int, device, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(width, max(len(s) for s in seqs))
     ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     return ids.to(device), mask.to(device)
@@ -465,30 +423,30 @@ class GroupNoise:
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            generator: torch.Generator | None = None, with_entropy: bool = False, memory=None, mu: float = 0.0,
-           min_p: float = 0.0, stop_at_eos: bool = True, noise: GroupNoise | None = None) -> Rollouts:
+           min_p: float = 0.0, stop_at_eos: bool = True, noise: GroupNoise | None = None, width: int = 0) -> Rollouts:
     """Sample one completion per prompt (repeat a prompt G times for a group), batched, KV cache, stop at EOS.
 
     With a `memory` network, each token comes from the DLC-calibrated distribution
     softmax(log pi(.|h) - mu * log m(.|h)) (see `dlc_calibrate`); entropy is always the plain policy's.
     noise: a `GroupNoise` for these rows (training rollouts); otherwise the noise comes from `generator`.
+    width: left-pad the prompts to at least this many tokens, so that micro-batches of one batch line up.
     """
-    device = next(model.parameters()).device
     training = model.training
     model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
     try:
-        with autocast(device):
+        with autocast(next(model.parameters()).device):
             return _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy,
-                           memory, mu, min_p, stop_at_eos, noise)
+                           memory, mu, min_p, stop_at_eos, noise, width)
     finally:
         model.train(training)
 
 
 def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu, min_p,
-            stop_at_eos, noise) -> Rollouts:
+            stop_at_eos, noise, width) -> Rollouts:
     device = next(model.parameters()).device
     base, head, cache_kw = model.base_model, model.get_output_embeddings(), _cache_kwarg(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids, prompt_mask = pad_left(prompt_ids, pad, device)
+    ids, prompt_mask = pad_left(prompt_ids, pad, device, width)
     B, P = ids.shape
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)  # grows by slicing, not by cat
     cache = DynamicCache(config=model.config)
@@ -810,36 +768,29 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
         ent_sum += r.entropy.sum().item()
         ent_count += r.completion_mask.sum().item()
     rewards = torch.cat(rewards).view(len(taskset), n)
-    ks = k_values(n)
-    pass_k = {k: 0.0 for k in ks}
-    coverage, correct, noncanonical = [], 0, 0
-    for q in range(len(taskset)):
-        c = int(rewards[q].sum())
-        for k in ks:
-            pass_k[k] += pass_at_k(n, c, k) / len(taskset)
-        hits = [texts[q * n + j] for j in range(n) if rewards[q, j] > 0]
-        coverage.append(len({extract_answer(h) for h in hits}) / len(taskset.solutions[q]))
-        canonical = set(taskset.solutions[q])
-        correct, noncanonical = correct + len(hits), noncanonical + sum(h not in canonical for h in hits)
-    # exact probability of every correct mode, teacher-forced
+    # the exact probability of every correct mode, teacher-forced; the flat tensors hold each query's modes in turn
     flat_prompts = [p for p, sols in zip(taskset.prompt_ids, taskset.solutions) for _ in sols]
     flat_sols = [s for sols in taskset.solutions for s in sols]
     logprobs = sequence_logprobs(model, tokenizer, flat_prompts, flat_sols)
-    # the same pass@k and coverage without sampling noise: the chance of a correct answer is the summed probability of
-    # the correct modes (exact up to correct texts outside the canonical forms, whose sampled share is `noncanonical`)
     tempered = logprobs if temperature == 1.0 else sequence_logprobs(model, tokenizer, flat_prompts, flat_sols,
-                                                                     temperature=temperature)
-    per_query = [len(sols) for sols in taskset.solutions]  # the flat tensors hold each query's modes in turn
-    exact_k, exact_cov = {k: 0.0 for k in ks}, []
-    for query_logprobs in torch.split(tempered, per_query):
-        mode_probs = query_logprobs.double().exp().tolist()
-        for k in ks:
-            exact_k[k] += exact_pass_at_k(sum(mode_probs), k) / len(taskset)
+                                                                     temperature=temperature)  # what `sample` draws
+    base_lp = logprobs if base_logprobs is None else base_logprobs
+    per_query = [len(sols) for sols in taskset.solutions]
+    ks, N = k_values(n), len(taskset)
+    pass_k, exact_k = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0)
+    coverage, exact_cov, correct, noncanonical, oversharpened = [], [], 0, 0, 0.0
+    for q, (lp, lp_t, lp_base) in enumerate(zip(*(torch.split(x, per_query) for x in (logprobs, tempered, base_lp)))):
+        hits = [texts[q * n + j] for j in range(n) if rewards[q, j] > 0]  # sampled: unbiased pass@k, distinct answers
+        coverage.append(len({extract_answer(h) for h in hits}) / len(taskset.solutions[q]))
+        correct, noncanonical = correct + len(hits), noncanonical + sum(h not in taskset.solutions[q] for h in hits)
+        # exact: the chance of a correct answer is the summed probability of the correct modes (up to correct texts
+        # outside the canonical forms, whose sampled share is `noncanonical`)
+        mode_probs = lp_t.double().exp().tolist()
         exact_cov.append(exact_coverage(mode_probs, n))
-    oversharpened = 0.0
-    if base_logprobs is not None:  # per-query share of correct modes that lost mass, then mean over queries
-        for below in torch.split((logprobs < base_logprobs).float(), per_query):
-            oversharpened += below.mean().item() / len(taskset)
+        for k in ks:
+            pass_k[k] += pass_at_k(n, len(hits), k) / N
+            exact_k[k] += exact_pass_at_k(sum(mode_probs), k) / N
+        oversharpened += (lp < lp_base).float().mean().item() / N  # share of this query's correct modes that lost mass
     metrics = {"pass@1": pass_k[1], "pass@k": {str(k): v for k, v in pass_k.items()},
                "coverage": float(np.mean(coverage)), "oversharpened": oversharpened,
                "entropy": ent_sum / max(ent_count, 1),
@@ -850,16 +801,6 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
 # ----------------------------------------------------------------------------------------------
 # Warm-start: supervised fine-tuning on uniformly sampled correct solutions -> the diverse base
 # ----------------------------------------------------------------------------------------------
-def warmstart_seed(cfg: Config) -> int:
-    return cfg.seed if cfg.base_seed < 0 else cfg.base_seed
-
-
-def base_key(cfg: Config, train_tasks: list[dict]) -> str:
-    blob = json.dumps({"arch": f"gpt2-gelu_pytorch_tanh-{TINY_ATTENTION}", "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
-                       "n_head": cfg.n_head, "ws_steps": cfg.ws_steps, "ws_batch": cfg.ws_batch, "ws_lr": cfg.ws_lr,
-                       "seed": warmstart_seed(cfg), "tasks": train_tasks,
-                       "transformers": transformers.__version__.split(".")[0]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def warm_start(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
@@ -884,21 +825,6 @@ def warm_start(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
     return model.eval()
 
 
-def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
-    """The warm-started base policy for this config and seed: loaded from the cache, or trained and cached.
-    With --model, the given model is the base: no warm-start."""
-    if cfg.model:
-        model, _ = load_policy(cfg.model, device)
-        return model, 0.0, cfg.model
-    path = Path(cfg.cache_dir) / f"base-{base_key(cfg, train.tasks)}"
-    t0 = time.perf_counter()
-    if (path / "config.json").exists():
-        model, _ = load_policy(path, device, TINY_ATTENTION)
-        return model, 0.0, path
-    model = warm_start(cfg, train, tokenizer, device)
-    save_policy(model, tokenizer, path)
-    return model, time.perf_counter() - t0, path
-
 # ----------------------------------------------------------------------------------------------
 # The RL step and loop: collect rollouts, let the memory learn them, update the policy
 # ----------------------------------------------------------------------------------------------
@@ -917,31 +843,6 @@ def compute_advantages(cfg: Config, rewards: torch.Tensor, seq_logp: torch.Tenso
     if "iac" in parts:  # |S+| counts verified successes, whatever shaping did to their reward
         advantages = inverse_success_calibration(advantages, rewards, cfg.iac_alpha, cfg.iac_renorm)
     return advantages
-
-
-def _rows(x, i: int, j: int):
-    return None if x is None else x[i:j]
-
-
-def slice_rollouts(r: Rollouts, i: int, j: int) -> Rollouts:
-    return Rollouts(r.input_ids[i:j], r.attention_mask[i:j], r.completion_mask[i:j], r.prompt_len, r.texts[i:j],
-                    r.finished[i:j], _rows(r.entropy, i, j), _rows(r.sample_logp, i, j))
-
-
-def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
-    """Join micro-batches of rollouts, left-padding prompts to the widest one."""
-    if len(parts) == 1:
-        return parts[0]
-    P = max(r.prompt_len for r in parts)
-    ids, att = [], []
-    for r in parts:
-        extra = P - r.prompt_len
-        ids.append(F.pad(r.input_ids, (extra, 0), value=pad_id))
-        att.append(F.pad(r.attention_mask, (extra, 0), value=0))
-    cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
-    return Rollouts(torch.cat(ids), torch.cat(att), torch.cat([r.completion_mask for r in parts]), P,
-                    [t for r in parts for t in r.texts], torch.cat([r.finished for r in parts]),
-                    cat([r.entropy for r in parts]), cat([r.sample_logp for r in parts]))
 
 
 @dataclass
@@ -973,15 +874,15 @@ def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries
     #    each group with its own noise stream: a row's sample depends on (seed, step, row), not on the split
     tasks = [train_set.tasks[q] for q in queries for _ in range(G)]
     prompts = [train_set.prompt_ids[q] for q in queries for _ in range(G)]
-    chunks = [sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, T, memory=memory if "dlc" in parts else None,
-                     mu=cfg.dlc_mu, min_p=cfg.dlc_min_p, noise=GroupNoise(noise_seed, i, j - i, G, device))
-              for i, j in spans]
-    rollouts = concat_rollouts(chunks, tokenizer.pad_token_id)
+    width = max(len(p) for p in prompts)
+    rollouts = Rollouts.cat([sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, T, mu=cfg.dlc_mu,
+                                    memory=memory if "dlc" in parts else None, min_p=cfg.dlc_min_p, width=width,
+                                    noise=GroupNoise(noise_seed, i, j - i, G, device)) for i, j in spans])
     mask = rollouts.completion_mask
     # 2. log-probs of what was sampled, at the sampling temperature (the distribution the samples came from).
     #    One batch: keep this forward's graph for the update. Micro-batches: one forward per micro-batch later.
     with torch.set_grad_enabled(len(spans) == 1):
-        first = [completion_logprobs(policy, slice_rollouts(rollouts, i, j), with_entropy=True, temperature=T)
+        first = [completion_logprobs(policy, rollouts.rows(i, j), with_entropy=True, temperature=T)
                  for i, j in spans]
     old_logp = torch.cat([logp for logp, _, _ in first]).detach()
     hidden = torch.cat([h for _, _, h in first]).detach()
@@ -997,7 +898,7 @@ def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries
     ref_logp = weights = None
     if "kl" in parts:
         with torch.no_grad():
-            ref_logp = torch.cat([completion_logprobs(base, slice_rollouts(rollouts, i, j), temperature=T)[0]
+            ref_logp = torch.cat([completion_logprobs(base, rollouts.rows(i, j), temperature=T)[0]
                                   for i, j in spans])
     if "dlc" in parts and cfg.dlc_is_cap > 0:  # optional correction for sampling from q instead of pi
         weights = torch.exp(old_logp - rollouts.sample_logp).clamp(max=cfg.dlc_is_cap)
@@ -1020,14 +921,14 @@ def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
             if epoch == 0 and batch.graph is not None:  # on-policy: the forward that gave old_logp serves the loss
                 logp, entropy = batch.graph
             else:
-                logp, entropy, _ = completion_logprobs(policy, slice_rollouts(batch.rollouts, i, j), with_entropy=True,
+                logp, entropy, _ = completion_logprobs(policy, batch.rollouts.rows(i, j), with_entropy=True,
                                                        temperature=cfg.temperature)
             part_loss, metrics = ppo_clip_loss(
                 logp, batch.old_logp[i:j], batch.advantages[i:j], mask[i:j], clip_eps=cfg.clip_eps,
                 clip_eps_high=cfg.clip_eps_high if "cliphigher" in parts else None,
-                ref_logp=_rows(batch.ref_logp, i, j), kl_coef=cfg.kl_coef, entropy=entropy,
-                entropy_coef=cfg.entropy_coef if "entropy" in parts else 0.0, weights=_rows(batch.weights, i, j),
-                norm=denom)
+                ref_logp=None if batch.ref_logp is None else batch.ref_logp[i:j], kl_coef=cfg.kl_coef,
+                entropy=entropy, entropy_coef=cfg.entropy_coef if "entropy" in parts else 0.0,
+                weights=None if batch.weights is None else batch.weights[i:j], norm=denom)
             part_loss.backward()
             loss += part_loss.item()
             part_tokens = float(mask[i:j].sum())  # metrics are means over their tokens: weight them back to sums
@@ -1072,33 +973,16 @@ def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: li
 def train(cfg: Config, resume: bool = False) -> dict:
     """Warm-start (or load) the base, run RL with the chosen method, evaluate, write summary.json.
 
-    resume: continue the run in cfg.out from its checkpoint, with the config saved there.
+    resume: continue the run in cfg.out from its checkpoint, with the config saved there (`load_run`, Part 3).
     """
-    out = Path(cfg.out)
-    saved = None
-    if resume:
-        path = out / "checkpoint" / "trainer_state.pt"
-        if not path.exists():
-            raise UserError(f"--resume {out}: no checkpoint there ({path} is missing)")
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = Config(**saved["config"])
-    validate_config(cfg)
-    set_threads(cfg)
-    device = pick_device(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
+    saved = load_run(cfg.out) if resume else None
+    cfg = saved["config"] if saved else cfg
+    device, out = setup_run(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    raw = {s: load_tasks(cfg.tasks, s) for s in ("train", cfg.eval_split)}
-    for line in check_overlap(raw):
-        print(f"rlvr.py: warning: held-out query also in train.jsonl: {line}", file=sys.stderr)
-    splits = {s: TaskSet.build(tasks, tokenizer) for s, tasks in raw.items()}
+    splits = load_splits(cfg, tokenizer)
     base, warmstart_s, base_path = get_base(cfg, splits["train"], tokenizer, device)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    longest = max(len(ids) for ts in splits.values() for ids in ts.prompt_ids) + cfg.max_new_tokens
-    limit = getattr(base.config, "n_positions", None) or getattr(base.config, "max_position_embeddings", None)
-    if limit and longest > limit:
-        raise UserError(f"longest prompt + --max-new-tokens = {longest} tokens, more than the model's {limit} "
-                        "positions")
+    base.requires_grad_(False)
+    check_fits(cfg, base, splits)
 
     def eval_all(model, base_lp=None, tag=""):
         res, lps = {}, {}
@@ -1108,71 +992,48 @@ def train(cfg: Config, resume: bool = False) -> dict:
                                       batch=cfg.eval_batch, desc=f"eval {tag}{s}")
         return res, lps
 
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    query_rng = random.Random(cfg.seed)
-    memory, outcome_counts = None, {}
-    if saved is None:  # a fresh run; an earlier run's metrics in this folder are kept, renamed
-        if (out / "metrics.jsonl").exists():
-            os.replace(out / "metrics.jsonl", out / f"metrics.{int(time.time())}.jsonl")
-        policy, _ = load_policy(base_path, device, attention_for(cfg))  # a fresh copy; `base` stays frozen
-        base_metrics, base_lp = eval_all(base, tag="base ")
-        progress = {"step": 0, "rl_s": 0.0, "tokens": 0, "skipped_updates": 0}
+    if saved:
+        policy, memory, state = restore_run(saved, cfg, device)
     else:
-        policy, _, memory = load_checkpoint(out / "checkpoint", cfg, device)
-        base_metrics, base_lp, progress = saved["base_metrics"], saved["base_logprobs"], saved["progress"]
-        gen.set_state(saved["rng"]["sampler"])
-        query_rng.setstate(saved["rng"]["queries"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        outcome_counts = saved["outcome_counts"]
+        policy, _ = load_policy(base_path, device, attention_for(cfg))  # a fresh copy; `base` stays frozen
+        memory = None
+        if "dlc" in parse_method(cfg.method)[1]:
+            torch.manual_seed(cfg.seed)  # the memory's init must not depend on whether the base came from the cache
+            memory = Memory(policy.config.hidden_size, policy.get_output_embeddings().weight.shape[0], cfg, device)
+        state = RunState.start(cfg, device, *eval_all(base, tag="base "))
     if cfg.grad_checkpointing:
         policy.gradient_checkpointing_enable()
         policy.train()  # transformers only checkpoints in train mode; the sampler switches to eval itself
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if saved is not None:
+    if saved:
         opt.load_state_dict(saved["optimizer"])
-    elif "dlc" in parse_method(cfg.method)[1]:
-        torch.manual_seed(cfg.seed)  # the memory's init must not depend on whether the base came from the cache
-        memory = Memory(policy.config.hidden_size, policy.get_output_embeddings().weight.shape[0], cfg, device)
-    log = JsonlLog(out / "metrics.jsonl")
-    if saved is not None:
-        log.write({"step": progress["step"], "resumed": True})
-
-    def checkpoint():
-        save_state(out, policy, tokenizer, opt, memory, {
-            "config": dataclasses.asdict(cfg), "progress": progress, "base_metrics": base_metrics,
-            "base_logprobs": base_lp, "outcome_counts": outcome_counts,
-            "rng": {"sampler": gen.get_state(), "queries": query_rng.getstate(), "torch": torch.get_rng_state()}})
-
+    log = JsonlLog(out / "metrics.jsonl", resumed_at=state.step if saved else None)
     train_set = splits["train"]
     with StopFlag() as stop:
-        for step in tqdm(range(progress["step"] + 1, cfg.steps + 1), desc=f"RL {cfg.method}", disable=None,
-                         initial=progress["step"], total=cfg.steps):
-            queries = [query_rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
+        for step in tqdm(range(state.step + 1, cfg.steps + 1), desc=f"RL {cfg.method}", disable=None,
+                         initial=state.step, total=cfg.steps):
+            queries = [state.query_rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
             t0 = time.perf_counter()
-            stats = rl_step_or_redo(cfg, policy, tokenizer, opt, train_set, queries, gen, base, memory, outcome_counts)
-            progress["rl_s"] += time.perf_counter() - t0
-            progress["tokens"] += stats["tokens"]
-            progress["skipped_updates"] += stats["skipped_updates"]
-            progress["step"] = step
+            stats = rl_step_or_redo(cfg, policy, tokenizer, opt, train_set, queries, state.sampler, base, memory,
+                                    state.outcome_counts)
+            state.advance(step, stats, time.perf_counter() - t0)
             log.write({"step": step, **stats})
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                m, _ = eval_all(policy, base_lp, tag=f"step {step} ")
-                log.write({"step": step, "eval": m})
+                log.write({"step": step, "eval": eval_all(policy, state.base_logprobs, tag=f"step {step} ")[0]})
             if stop.signum or (cfg.save_every and step % cfg.save_every == 0):
-                checkpoint()
+                save_run(out, cfg, policy, tokenizer, opt, memory, state)
             if stop.signum:
                 print(f"rlvr.py: stopped at step {step}; continue with: python rlvr.py train --resume {out}",
                       file=sys.stderr)
                 sys.exit(128 + stop.signum)
-    final_metrics, _ = eval_all(policy, base_lp, tag="final ")
+    final_metrics, _ = eval_all(policy, state.base_logprobs, tag="final ")
     log.write({"step": cfg.steps, "eval": final_metrics})
-    checkpoint()
-    rl_s = progress["rl_s"]
-    summary = {"config": dataclasses.asdict(cfg), "base": base_metrics, "final": final_metrics,
-               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(rl_s, 3),
-                          "rl_step_s": round(rl_s / max(cfg.steps, 1), 4)},
+    save_run(out, cfg, policy, tokenizer, opt, memory, state)
+    summary = {"config": dataclasses.asdict(cfg), "base": state.base_metrics, "final": final_metrics,
+               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(state.rl_s, 3),
+                          "rl_step_s": round(state.rl_s / max(cfg.steps, 1), 4)},
                "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size,
-                          "generated_tokens": progress["tokens"], "skipped_updates": progress["skipped_updates"]}}
+                          "generated_tokens": state.tokens, "skipped_updates": state.skipped_updates}}
     if device.type == "cuda":
         summary["timing"]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     write_json(out / "summary.json", summary)
@@ -1609,7 +1470,7 @@ def load_tasks(folder: str | Path, split: str) -> list[dict]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"task folder {str(folder)!r} not found "
-                        f"(make one with: python rlvr.py make-tasks --out {folder})")
+                        f"(make one with: python toy_tasks/make_tasks.py --out {folder})")
     path = folder / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: missing (a task folder needs train.jsonl, val.jsonl and test.jsonl)")
@@ -1677,14 +1538,131 @@ def validate_config(cfg: Config) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
 
+def setup_run(cfg: Config) -> tuple[torch.device, Path]:
+    """Check the config, set the CPU threads, pick the device and make the output folder."""
+    validate_config(cfg)
+    set_threads(cfg)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return pick_device(cfg.device), Path(cfg.out)
+
+
+def load_splits(cfg: Config, tokenizer) -> dict[str, TaskSet]:
+    """The training split and the held-out one (--eval-split), checked, with a warning for shared prompts."""
+    raw = {s: load_tasks(cfg.tasks, s) for s in ("train", cfg.eval_split)}
+    for line in check_overlap(raw):
+        print(f"rlvr.py: warning: held-out query also in train.jsonl: {line}", file=sys.stderr)
+    return {s: TaskSet.build(tasks, tokenizer) for s, tasks in raw.items()}
+
+
+def check_fits(cfg: Config, model, splits: dict[str, TaskSet]) -> None:
+    """Refuse a prompt plus completion longer than the model's positions (it would fail mid-run, or silently)."""
+    longest = max(len(ids) for ts in splits.values() for ids in ts.prompt_ids) + cfg.max_new_tokens
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if limit and longest > limit:
+        raise UserError(f"longest prompt + --max-new-tokens = {longest} tokens, more than the model's {limit} "
+                        "positions")
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, precision, loading models, and the cache of warm-started bases
+# ----------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_threads(cfg: Config) -> None:
+    n = cfg.threads or min(4, os.cpu_count() or 1)
+    torch.set_num_threads(n)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype of the forward passes: bf16 on GPUs that support it (Ampere and newer), else fp32 (None). Weights,
+    gradients and optimiser state stay fp32 (mixed precision). fp32 on a T4: fp16 would need loss scaling."""
+    # compute capability 8+: is_bf16_supported() also says yes where bf16 is only emulated (slowly), e.g. a T4
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else None
+
+
+def autocast(device: torch.device):
+    """bf16 autocast where `amp_dtype` says so (log-softmax stays in fp32, see .float() calls); exact fp32 elsewhere."""
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _cache_kwarg(model) -> str:
+    # renamed within transformers 5 (5.0: past_key_values; later 5.x: cache); every 5.x is allowed
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def attention_for(cfg) -> str | None:
+    """The attention kernels to load a policy with: ours for the built-in model, the model's own default otherwise."""
+    return None if cfg.model else TINY_ATTENTION
+
+
+def load_tokenizer(path: str | Path | None = None):
+    """The built-in character tokenizer, or a model's own, left-padding and with a pad token."""
+    if not path:
+        return build_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # Llama-style tokenizers have none; pads are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(path: str | Path, device: torch.device, attn_implementation: str | None = None):
+    """Any causal LM, with fp32 weights on every device: they are the master weights the optimiser updates (a bf16
+    weight cannot hold a step of lr 1e-6: most such steps round to nothing). Speed on GPUs comes from `autocast`.
+    attn_implementation: TINY_ATTENTION for the built-in policy (not stored in its config.json)."""
+    kwargs = {"dtype": torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    return model.eval(), load_tokenizer(path)
+
+
+def warmstart_seed(cfg: Config) -> int:
+    return cfg.seed if cfg.base_seed < 0 else cfg.base_seed
+
+
+def base_key(cfg: Config, train_tasks: list[dict]) -> str:
+    blob = json.dumps({"arch": f"gpt2-gelu_pytorch_tanh-{TINY_ATTENTION}", "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+                       "n_head": cfg.n_head, "ws_steps": cfg.ws_steps, "ws_batch": cfg.ws_batch, "ws_lr": cfg.ws_lr,
+                       "seed": warmstart_seed(cfg), "tasks": train_tasks,
+                       "transformers": transformers.__version__.split(".")[0]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
+    """The warm-started base policy for this config and seed: loaded from the cache, or trained and cached.
+    With --model, the given model is the base: no warm-start."""
+    if cfg.model:
+        model, _ = load_policy(cfg.model, device)
+        return model, 0.0, cfg.model
+    path = Path(cfg.cache_dir) / f"base-{base_key(cfg, train.tasks)}"
+    t0 = time.perf_counter()
+    if (path / "config.json").exists():
+        model, _ = load_policy(path, device, TINY_ATTENTION)
+        return model, 0.0, path
+    model = warm_start(cfg, train, tokenizer, device)
+    save_policy(model, tokenizer, path)
+    return model, time.perf_counter() - t0, path
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints, logs and resume
 # ----------------------------------------------------------------------------------------------
 class JsonlLog:
-    """metrics.jsonl: one JSON object per line, appended and flushed as written."""
+    """metrics.jsonl: one JSON object per line, appended and flushed as written. A fresh run keeps the metrics of an
+    earlier run in the same folder, renamed; a resumed one appends a marker and goes on."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resumed_at: int | None = None):
+        if resumed_at is None and path.exists():
+            os.replace(path, path.with_name(f"metrics.{int(time.time())}.jsonl"))
         self.f = open(path, "a")
+        if resumed_at is not None:
+            self.write({"step": resumed_at, "resumed": True})
 
     def write(self, record: dict) -> None:
         self.f.write(json.dumps(record) + "\n")
@@ -1734,12 +1712,59 @@ def save_policy(model, tokenizer, path: Path, extra: dict[str, object] | None = 
     os.replace(tmp, path)
 
 
-def save_state(out: Path, policy, tokenizer, opt, memory, state: dict) -> None:
+@dataclass
+class RunState:
+    """What a run carries from step to step, and what a checkpoint restores next to the weights: progress, the
+    base's metrics, the outcome counts, and the two random streams (RL sampling noise, query order)."""
+    sampler: torch.Generator
+    query_rng: random.Random
+    base_metrics: dict
+    base_logprobs: dict
+    step: int = 0
+    rl_s: float = 0.0
+    tokens: int = 0
+    skipped_updates: int = 0
+    outcome_counts: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, cfg: Config, device: torch.device, base_metrics: dict, base_logprobs: dict) -> RunState:
+        return cls(torch.Generator(device=device).manual_seed(cfg.seed), random.Random(cfg.seed), base_metrics,
+                   base_logprobs)
+
+    def advance(self, step: int, stats: dict, seconds: float) -> None:
+        self.step, self.rl_s = step, self.rl_s + seconds
+        self.tokens += stats["tokens"]
+        self.skipped_updates += stats["skipped_updates"]
+
+
+def save_run(out: Path, cfg: Config, policy, tokenizer, opt, memory, state: RunState) -> None:
     """The checkpoint: policy and tokenizer (from_pretrained-ready), memory network, everything to resume exactly."""
-    extra = {"trainer_state.pt": {**state, "optimizer": opt.state_dict()}}
-    if memory is not None:
-        extra["memory.pt"] = memory.state_dict()
+    fields = {k: v for k, v in vars(state).items() if k not in ("sampler", "query_rng")}
+    trainer_state = {"config": dataclasses.asdict(cfg), "state": fields, "optimizer": opt.state_dict(),
+                     "rng": {"sampler": state.sampler.get_state(), "queries": state.query_rng.getstate(),
+                             "torch": torch.get_rng_state()}}
+    extra = {"trainer_state.pt": trainer_state} | ({"memory.pt": memory.state_dict()} if memory is not None else {})
     save_policy(policy, tokenizer, out / "checkpoint", extra)
+
+
+def load_run(out: str | Path) -> dict:
+    """The saved trainer state of the run in `out` (its config as a Config); `restore_run` rebuilds the rest."""
+    path = Path(out) / "checkpoint" / "trainer_state.pt"
+    if not path.exists():
+        raise UserError(f"--resume {out}: no checkpoint there ({path} is missing)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    return saved | {"config": Config(**saved["config"] | {"out": str(out)})}
+
+
+def restore_run(saved: dict, cfg: Config, device: torch.device):
+    """The policy, memory and RunState of a saved run, its random streams where they stopped."""
+    policy, _, memory = load_checkpoint(Path(cfg.out) / "checkpoint", cfg, device)
+    sampler = torch.Generator(device=device)
+    sampler.set_state(saved["rng"]["sampler"])
+    query_rng = random.Random()
+    query_rng.setstate(saved["rng"]["queries"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    return policy, memory, RunState(sampler, query_rng, **saved["state"])
 
 
 def load_checkpoint(path: str | Path, cfg: Config, device: torch.device):
@@ -1809,11 +1834,10 @@ def mean_ci(values: list[float]) -> dict:
     return {"mean": float(v.mean()), "ci95": float(half), "n": len(v)}
 
 
-def _flat(m: dict) -> dict[str, float]:
+def flat_metrics(m: dict) -> dict[str, float]:
+    """One split's metrics with pass@k and exact pass@k spread into keys "pass@8", "exact_pass@8", ..."""
     flat = {k: v for k, v in m.items() if not isinstance(v, dict)}
-    flat.update({f"pass@{k}": v for k, v in m["pass@k"].items()})
-    flat.update({f"exact_pass@{k}": v for k, v in m.get("exact_pass@k", {}).items()})
-    return flat
+    return flat | {f"{name}@{k}": v for name in ("pass", "exact_pass") for k, v in m[f"{name}@k"].items()}
 
 
 def _run_one(job: tuple[dict, str]) -> str:
@@ -1862,18 +1886,16 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
     if not todo and (out / "results.json").exists():  # nothing ran: keep the wall time of the invocation that did
         results["wall_s"] = json.loads((out / "results.json").read_text()).get("wall_s", results["wall_s"])
     splits = list(next(iter(runs.values()))["final"])
+
+    def final(name, seed, split):  # the base's metrics come from any run of that seed: they share the base
+        run = runs[run_name(methods[0] if name == "base" else name, seed)]
+        return flat_metrics(run["base" if name == "base" else "final"][split])
+
     for name in ["base"] + methods:
-        per_split = {}
-        for split in splits:
-            if name == "base":
-                flats = [_flat(runs[run_name(methods[0], s)]["base"][split]) for s in seeds]
-            else:
-                flats = [_flat(runs[run_name(name, s)]["final"][split]) for s in seeds]
-            per_split[split] = {k: mean_ci([f[k] for f in flats]) for k in flats[0]}
-        results["summary"][name] = per_split
+        results["summary"][name] = {split: {k: mean_ci([final(name, s, split)[k] for s in seeds])
+                                            for k in final(name, seeds[0], split)} for split in splits}
     reference = "grpo" if "grpo" in methods else methods[0]
     results["paired_vs"], results["paired"] = reference, {}
-    final = lambda m, s, split: _flat(runs[run_name(m, s)]["final"][split])  # noqa: E731
     for m in methods:  # per-seed differences to the reference: same base, same seed, so much of the noise cancels
         if m != reference:
             results["paired"][m] = {split: {k: mean_ci([final(m, s, split)[k] - final(reference, s, split)[k]
@@ -1884,44 +1906,45 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
                                            for k in ("rollouts", "generated_tokens")}
         results["summary"][m]["rl_s"] = mean_ci([runs[run_name(m, s)]["timing"]["rl_s"] for s in seeds])
     write_json(out / "results.json", results)
-    (out / "results.md").write_text(results_table(results))
+    (out / "results.md").write_text(compare_report(results))
     plot_results(results, out)
     return results
 
 
-def results_table(results: dict) -> str:
-    """The markdown table a reader wants: mean +- 95% CI over seeds, one row per method."""
-    cols = ["exact_pass@1", "exact_pass@64", "exact_coverage", "pass@1", "pass@64", "coverage", "oversharpened",
-            "noncanonical"]
-    seeds = results["seeds"]
-    lines = [f"Mean +- 95% CI over {len(seeds)} seeds ({', '.join(map(str, seeds))}).", ""]
-    for split in [k for k in results["summary"]["base"]]:
-        lines += [f"**{split}**", "", "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for name, per_split in results["summary"].items():
-            row = per_split[split]
-            lines.append(f"| {name} | " + " | ".join(
-                f"{row[c]['mean']:.3f} +- {row[c]['ci95']:.3f}" if c in row else "-" for c in cols) + " |")
+TABLE_COLUMNS = ("exact_pass@1", "exact_pass@n", "exact_coverage", "pass@1", "pass@8", "pass@n", "coverage",
+                 "oversharpened", "entropy")  # n: the number of samples per query
+
+
+def results_table(rows: dict[str, dict], splits: list[str], sign: str = "") -> str:
+    """The one table writer (demo, train, compare): markdown, per split a row per method and a column per metric.
+    A row holds one run's metrics per split (as in summary.json), or flat metrics whose cells are mean and 95% CI."""
+    cell = lambda v: f"{v['mean']:{sign}.3f} +- {v['ci95']:.3f}" if isinstance(v, dict) else f"{v:{sign}.3f}"  # noqa
+    lines = []
+    for split in splits:
+        table = {name: flat_metrics(row[split]) if "pass@k" in row[split] else row[split] for name, row in rows.items()}
+        n = max(int(k[len("pass@"):]) for k in next(iter(table.values())) if k.startswith("pass@"))
+        columns = [c.replace("@n", f"@{n}") for c in TABLE_COLUMNS]
+        lines += [f"**{split}**", "", "| method | " + " | ".join(columns) + " |", "|---" * len(columns) + "|---|"]
+        lines += [f"| {name} | " + " | ".join(cell(values[c]) if c in values else "-" for c in columns) + " |"
+                  for name, values in table.items()]
         lines.append("")
-        if results.get("paired"):
-            lines += [f"*{split}, difference to {results['paired_vs']} paired by seed (same base and seed)*", "",
-                      "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-            for name, per_split in results["paired"].items():
-                row = per_split[split]
-                lines.append(f"| {name} | " + " | ".join(
-                    f"{row[c]['mean']:+.3f} +- {row[c]['ci95']:.3f}" if c in row else "-" for c in cols) + " |")
-            lines.append("")
     return "\n".join(lines)
 
 
-def _exact(m: dict, key: str) -> float:
-    """pass@1 or coverage of one metrics record (nested or flat), exact when the record has it."""
-    if key == "pass@1":
-        return m["exact_pass@k"]["1"] if "exact_pass@k" in m else m.get("exact_pass@1", m["pass@1"])
-    return m.get("exact_coverage", m["coverage"])
+def compare_report(results: dict) -> str:
+    """results.md: mean +- 95% CI over seeds, then each method's difference to the reference paired by seed."""
+    seeds, splits = results["seeds"], list(results["summary"]["base"])
+    text = f"Mean +- 95% CI over {len(seeds)} seeds ({', '.join(map(str, seeds))}).\n\n"
+    text += results_table(results["summary"], splits)
+    if results["paired"]:
+        text += (f"\n*Difference to {results['paired_vs']}, paired by seed (same base and seed)*\n\n"
+                 + results_table(results["paired"], splits, sign="+"))
+    return text
 
 
 def plot_results(results: dict, out: Path) -> None:
-    """pass@k vs k, and accuracy vs diversity over training; skipped quietly without matplotlib."""
+    """passk.png: exact pass@k vs k; training.png: accuracy and held-out diversity over training, and against each
+    other (matched accuracy). Skipped quietly without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1932,52 +1955,46 @@ def plot_results(results: dict, out: Path) -> None:
     summary, splits = results["summary"], list(results["summary"]["base"])
     colors = list(plt.cm.tab10.colors) + ["#6b3d9a", "#b15928", "#1f3f5f", "#8c8c00"]
     style = {m: {"color": colors[i % len(colors)], "lw": 2.6 if m in ("grpo", "iac+dlc") else 1.2}
-             for i, m in enumerate(results["methods"])}
+             for i, m in enumerate(results["methods"])} | {"base": {"color": "k", "ls": "--"}}
     fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.6), squeeze=False)
     for ax, split in zip(axes[0], splits):
         for name, per_split in summary.items():
-            key = "exact_pass@" if "exact_pass@1" in per_split[split] else "pass@"  # summaries older than exact metrics
-            ks = sorted(int(k[len(key):]) for k in per_split[split] if k.startswith(key))
-            mean = [per_split[split][f"{key}{k}"]["mean"] for k in ks]
-            ci = [per_split[split][f"{key}{k}"]["ci95"] for k in ks]
-            line, = ax.plot(ks, mean, marker="o", ms=3, label=name, ls="--" if name == "base" else "-",
-                            **(style[name] if name in style else {"color": "k"}))
-            ax.fill_between(ks, np.subtract(mean, ci), np.add(mean, ci), alpha=0.15, color=line.get_color())
+            ks = sorted(int(k[len("exact_pass@"):]) for k in per_split[split] if k.startswith("exact_pass@"))
+            mean, ci = (np.array([per_split[split][f"exact_pass@{k}"][s] for k in ks]) for s in ("mean", "ci95"))
+            ax.plot(ks, mean, marker="o", ms=3, label=name, **style[name])
+            ax.fill_between(ks, mean - ci, mean + ci, alpha=0.15, color=style[name]["color"])
         ax.set_xscale("log", base=2)
-        ax.set(title=f"{split} queries", xlabel="k", ylabel="pass@k (exact)" if key == "exact_pass@" else "pass@k")
+        ax.set(title=f"{split} queries", xlabel="k", ylabel="pass@k (exact)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "passk.png", dpi=80)
     plt.close(fig)
-    # over training: every eval record of every seed, averaged per step
-    held = splits[-1]
-    curves = {}
+    # over training: (train pass@1, held-out coverage, held-out pass@1) of every eval record, averaged per step
+    held, curves = splits[-1], {}
+
+    def point(ev):
+        return ev["train"]["exact_pass@k"]["1"], ev[held]["exact_coverage"], ev[held]["exact_pass@k"]["1"]
+
     for run in results["runs"].values():
-        method = run["config"]["method"]
         path = Path(run["config"]["out"]) / "metrics.jsonl"
-        if not path.exists():
-            continue
-        lines = map(json.loads, path.read_text().splitlines())
-        records = {r["step"]: r["eval"] for r in lines if "eval" in r}  # the last one per step
-        records[0] = run["base"]  # every curve starts at the base
-        for step, ev in records.items():
-            c = curves.setdefault(method, {}).setdefault(step, [])
-            c.append((_exact(ev["train"], "pass@1"), _exact(ev[held], "coverage"), _exact(ev[held], "pass@1")))
+        if path.exists():
+            records = {r["step"]: r["eval"] for r in map(json.loads, path.read_text().splitlines()) if "eval" in r}
+            for step, ev in ({0: run["base"]} | records).items():  # every curve starts at the base
+                curves.setdefault(run["config"]["method"], {}).setdefault(step, []).append(point(ev))
     fig, axes = plt.subplots(1, 4, figsize=(19, 3.8))
-    b = {split: {key: _exact({k: v["mean"] for k, v in m.items()}, key) for key in ("pass@1", "coverage")}
-         for split, m in results["summary"]["base"].items() if split in splits}
+    base = point({split: {"exact_pass@k": {"1": m["exact_pass@1"]["mean"]},
+                          "exact_coverage": m["exact_coverage"]["mean"]} for split, m in summary["base"].items()})
     for method, by_step in curves.items():
         steps = sorted(by_step)
         avg = np.array([np.mean(by_step[s], axis=0) for s in steps])
-        axes[0].plot(steps, avg[:, 0], marker="o", ms=3, label=method, **style[method])
-        axes[1].plot(steps, avg[:, 1], marker="o", ms=3, **style[method])
-        axes[2].plot(avg[:, 0], avg[:, 1], marker="o", ms=3, **style[method])
-        axes[3].plot(avg[:, 0], avg[:, 2], marker="o", ms=3, **style[method])
-    axes[0].axhline(b["train"]["pass@1"], color="k", ls="--", lw=1, label="base")
-    axes[1].axhline(b[held]["coverage"], color="k", ls="--", lw=1)
-    for ax, key in ((axes[2], "coverage"), (axes[3], "pass@1")):
-        ax.plot([b["train"]["pass@1"]], [b[held][key]], "k*", ms=10)
+        for ax, (x, y) in zip(axes, ((steps, avg[:, 0]), (steps, avg[:, 1]), (avg[:, 0], avg[:, 1]),
+                                     (avg[:, 0], avg[:, 2]))):
+            ax.plot(x, y, marker="o", ms=3, label=method, **style[method])
+    axes[0].axhline(base[0], color="k", ls="--", lw=1, label="base")
+    axes[1].axhline(base[1], color="k", ls="--", lw=1)
+    axes[2].plot([base[0]], [base[1]], "k*", ms=10)
+    axes[3].plot([base[0]], [base[2]], "k*", ms=10)
     axes[0].set(xlabel="RL step", ylabel="train pass@1", title="accuracy over training")
     axes[1].set(xlabel="RL step", ylabel=f"{held} coverage", title="held-out diversity over training")
     axes[2].set(xlabel="train pass@1", ylabel=f"{held} coverage",
@@ -1993,12 +2010,6 @@ def plot_results(results: dict, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Benchmark: sampler and DLC cost, RL step time (measured side by side in one process)
 # ----------------------------------------------------------------------------------------------
-def _timed(fn) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    n = fn()
-    return n, time.perf_counter() - t0
-
-
 def _median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -2006,48 +2017,6 @@ def _median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class ModelTimer:
-    """Time spent inside the policy's forward passes (transformer + LM head) and in backward passes."""
-
-    def __init__(self, model, device):
-        self.model, self.device, self.seconds, self.t0 = model, device, 0.0, {}
-
-    def __enter__(self):
-        def pre(module, args, kwargs=None):
-            _sync(self.device)
-            self.t0[id(module)] = time.perf_counter()
-
-        def post(module, args, output, kwargs=None):
-            _sync(self.device)
-            self.seconds += time.perf_counter() - self.t0.pop(id(module))
-
-        parts = (self.model.base_model, self.model.get_output_embeddings())
-        self.hooks = [m.register_forward_pre_hook(pre) for m in parts] + [m.register_forward_hook(post) for m in parts]
-        # backward passes have no module hook that spans them, so Tensor.backward itself is timed while inside the
-        # `with` block (and restored on exit): the benchmark runs nothing else in that time
-        self.backward, timer = torch.Tensor.backward, self
-
-        def timed_backward(tensor, *args, **kwargs):
-            _sync(timer.device)
-            t0 = time.perf_counter()
-            timer.backward(tensor, *args, **kwargs)
-            _sync(timer.device)
-            timer.seconds += time.perf_counter() - t0
-
-        torch.Tensor.backward = timed_backward
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.hooks:
-            h.remove()
-        torch.Tensor.backward = self.backward
 
 
 def _bench_setup(cfg: Config):
@@ -2062,7 +2031,7 @@ def _bench_setup(cfg: Config):
 
 
 def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
-    """Our sampler vs HF generate, plain vs DLC sampling, the RL step and its time in the model, and a scaling table.
+    """Our sampler vs HF generate, plain vs DLC sampling, the RL step, and how its cost scales.
 
     Every pair is measured side by side in this process, alternating, and reported as the median of `repeats`.
     """
@@ -2071,20 +2040,24 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     memory = Memory(policy.config.hidden_size, policy.get_output_embeddings().weight.shape[0], cfg, device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def batch(n_queries):
         queries = [rng.randrange(len(train_set)) for _ in range(n_queries)]
         return queries, [train_set.prompt_ids[q] for q in queries for _ in range(cfg.group_size)]
 
+    def step(method, queries, T=cfg.max_new_tokens):
+        rl_step(dataclasses.replace(cfg, method=method, max_new_tokens=T), policy, tokenizer, opt, train_set, queries,
+                gen, None, memory if "dlc" in method else None)
+
     queries, prompts = batch(cfg.queries_per_step)
     for _ in range(3):  # warm up, and give the memory something to remember
-        rl_step(dataclasses.replace(cfg, method="iac+dlc"), policy, tokenizer, opt, train_set, queries, gen,
-                memory=memory)
+        step("iac+dlc", queries)
 
     def ours(mem=None, prompts=prompts, T=cfg.max_new_tokens, stop=True):
         r = sample(policy, tokenizer, prompts, T, cfg.temperature, gen, memory=mem, mu=cfg.dlc_mu, min_p=cfg.dlc_min_p,
                    stop_at_eos=stop)
-        _sync(device)
+        sync()
         return int(r.completion_mask.sum()) if stop else r.completion_ids.numel()
 
     ids, mask = pad_left(prompts, tokenizer.pad_token_id, device)
@@ -2092,11 +2065,10 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
     def hf_generate():
         out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_k=0,
                               top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, generator=None)
-        _sync(device)
-        comp = out[:, ids.shape[1]:]
-        is_eos = comp == tokenizer.eos_token_id
-        return int(((is_eos.long().cumsum(1) - is_eos.long()) == 0).sum())
+                              eos_token_id=tokenizer.eos_token_id)
+        sync()
+        is_eos = out[:, ids.shape[1]:] == tokenizer.eos_token_id
+        return int(((is_eos.long().cumsum(1) - is_eos.long()) == 0).sum())  # tokens up to the first EOS, as ours
 
     runs = {"ours": ours, "hf_generate": hf_generate, "dlc": lambda: ours(memory)}
     tps = {k: [] for k in runs}
@@ -2107,38 +2079,25 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
                 n = fn()
                 tps[name].append(n / (time.perf_counter() - t0))
     tps = {k: float(np.median(v)) for k, v in tps.items()}
-
-    def step(method, q=queries):
-        return rl_step(dataclasses.replace(cfg, method=method), policy, tokenizer, opt, train_set, q, gen, None,
-                       memory if "dlc" in method else None)
-
-    step_s = {m: _median_time(lambda: step(m), repeats) for m in ("grpo", "iac+dlc")}
-    times = []
-    for _ in range(repeats):
-        with ModelTimer(policy, device) as timer:
-            t0 = time.perf_counter()
-            step("grpo")
-            total = time.perf_counter() - t0
-        times.append((timer.seconds, total))
-    model_share = float(np.median([m / t for m, t in times]))
+    step_s = {m: _median_time(lambda: step(m, queries), repeats) for m in ("grpo", "iac+dlc")}
     result = {"sample_tokens_per_s": round(tps["ours"], 1), "hf_generate_tokens_per_s": round(tps["hf_generate"], 1),
               "sampler_vs_hf_generate": round(tps["ours"] / tps["hf_generate"], 3),
               "dlc_sample_tokens_per_s": round(tps["dlc"], 1), "dlc_overhead": round(tps["ours"] / tps["dlc"], 3),
               "rl_step_s": round(step_s["grpo"], 4), "dlc_rl_step_s": round(step_s["iac+dlc"], 4),
-              "model_time_share": round(model_share, 3), "batch": f"{cfg.queries_per_step}x{cfg.group_size}",
-              "max_new_tokens": cfg.max_new_tokens, "device": str(device), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "transformers": transformers.__version__, "repeats": repeats, "scaling": []}
+              "batch": f"{cfg.queries_per_step}x{cfg.group_size}", "max_new_tokens": cfg.max_new_tokens,
+              "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "repeats": repeats, "scaling": []}
     if scaling:  # cost as the batch grows (default length), then as the completion grows (no EOS stop, fixed length)
         for n_seq, T in [(64, 8), (256, 8), (1024, 8), (128, 16), (128, 32), (128, 48)]:
             q, p = batch(max(1, n_seq // cfg.group_size))
-            fixed = T != cfg.max_new_tokens
-            n_rep = max(3, repeats // 3)
-            timings = (_timed(lambda: ours(None, p, T, stop=not fixed)) for _ in range(n_rep))
-            tok_s = float(np.median([n / t for n, t in timings]))
-            sc = dataclasses.replace(cfg, max_new_tokens=T)
-            st = _median_time(lambda: rl_step(sc, policy, tokenizer, opt, train_set, q, gen), n_rep)
+            fixed, n_rep = T != cfg.max_new_tokens, max(3, repeats // 3)
+            tokens_per_s = []
+            for _ in range(n_rep):
+                t0 = time.perf_counter()
+                tokens_per_s.append(ours(None, p, T, stop=not fixed) / (time.perf_counter() - t0))
             result["scaling"].append({"sequences": len(p), "max_new_tokens": T, "stop_at_eos": not fixed,
-                                      "sample_tokens_per_s": round(tok_s, 1), "rl_step_s": round(st, 4)})
+                                      "sample_tokens_per_s": round(float(np.median(tokens_per_s)), 1),
+                                      "rl_step_s": round(_median_time(lambda: step("grpo", q, T), n_rep), 4)})
     return result
 
 
@@ -2200,85 +2159,6 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
             "speedup_vs_trl": round(trl_s / our_s, 2), "steps_timed": [len(trl_times), len(our_times)],
             "batch": f"{cfg.queries_per_step}x{cfg.group_size}", "max_new_tokens": cfg.max_new_tokens,
             "threads": torch.get_num_threads()}
-
-# ----------------------------------------------------------------------------------------------
-# The task generator (python rlvr.py make-tasks)
-# ----------------------------------------------------------------------------------------------
-WORD_TEMPLATES = [  # (story, the answer's value from the numbers a, b, c)
-    ("{name} has {a} bags with {b} {item} in each bag and finds {c} more {item}.", lambda a, b, c: a * b + c),
-    ("{name} buys {a} packs of {b} {item} and gives {c} {item} away.", lambda a, b, c: a * b - c),
-    ("{name} has {a} {item}, gets {b} more, and later {c} more.", lambda a, b, c: a + b + c),
-    ("{a} friends each bring {b} {item} to {name}'s party, and {c} {item} get lost.", lambda a, b, c: a * b - c),
-    ("{name} collects {b} {item} a day for {a} days, then {c} more on the last evening.", lambda a, b, c: a * b + c),
-]
-
-
-NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"]
-ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies"]
-
-
-def make_word_problems(rng: random.Random, n: int) -> list[dict]:
-    """Stories whose answer is an expression over their three numbers: several orders are correct, all enumerable."""
-    tasks, seen = [], set()
-    while len(tasks) < n:
-        story, value = rng.choice(WORD_TEMPLATES)
-        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
-        text = story.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b, c=c)
-        if text in seen:
-            continue
-        seen.add(text)
-        prompt = (f"{text} Write one arithmetic expression that uses each of the numbers {a}, {b} and {c} exactly "
-                  f"once, with only +, - and * and no brackets, whose value is how many there are at the end. "
-                  f"Put the expression alone on the last line.")
-        task = {"id": f"wp-{len(tasks)}", "type": "word_problem", "prompt": prompt, "numbers": [a, b, c],
-                "target": value(a, b, c)}
-        task["num_solutions"] = len(enumerate_countdown(task))
-        tasks.append(task)
-    return tasks
-
-
-def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] = (48, 160, 48)) -> dict[str, int]:
-    """Deterministically write train/val/test.jsonl: digit sums (split by target) and countdown (split by query)."""
-    rng = random.Random(seed)
-    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    # digit_sum, 3 terms: targets 4..26 all have >= 3 ordered solutions (15 has 73); held-out targets interleave
-    test_t, val_t = {6, 11, 16, 21, 26}, {8, 13, 19, 24}
-    for t in range(4, 27):
-        task = {"id": f"sum3-{t}", "type": "digit_sum", "prompt": f"sum3={t}:", "terms": 3, "target": t}
-        task["num_solutions"] = len(enumerate_digit_sum(task))
-        splits["test" if t in test_t else "val" if t in val_t else "train"].append(task)
-    # countdown with three digits 1-9: every query reachable in >= 4 distinct ways
-    pool = []
-    for nums in itertools.combinations_with_replacement(range(1, 10), 3):
-        for target in range(1, 100):
-            task = {"id": f"cd-{''.join(map(str, nums))}-{target}", "type": "countdown",
-                    "prompt": f"{','.join(map(str, nums))}->{target}:", "numbers": list(nums), "target": target}
-            n = len(enumerate_countdown(task))
-            if n >= 4:
-                task["num_solutions"] = n
-                pool.append(task)
-    rng.shuffle(pool)
-    # validation: up to 40 queries between train and test, any further ones after the test block, so that
-    # the size of the validation split (which only tunes settings) never moves a train or test query
-    n_train, n_val, n_test = countdown
-    first_val = min(n_val, 40)
-    test_start = n_train + 40
-    splits["train"] += pool[:n_train]
-    after_test = test_start + n_test
-    splits["val"] += pool[n_train:n_train + first_val] + pool[after_test:after_test + n_val - first_val]
-    splits["test"] += pool[test_start:test_start + n_test]
-    # word problems for real language models (--model), in their own folder: toy_tasks/word_problems
-    words = make_word_problems(rng, 100)
-    word_splits = {"train": words[:60], "val": words[60:80], "test": words[80:]}
-    out = Path(out)
-    for folder, split_tasks in ((out, splits), (out / "word_problems", word_splits)):
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, tasks in split_tasks.items():
-            with open(folder / f"{name}.jsonl", "w") as f:
-                for task in tasks:
-                    f.write(json.dumps(task) + "\n")
-    counts = {name: len(tasks) for name, tasks in splits.items()}
-    return counts | {f"word_problems/{k}": len(v) for k, v in word_splits.items()}
 
 # ----------------------------------------------------------------------------------------------
 # Scaling out: IAC on flat tensors, and as an advantage estimator of verl (multi-GPU RLVR)
@@ -2348,21 +2228,6 @@ def parse_config(argv: list[str] | None = None, prog: str = "train") -> Config:
     return config_from(config_parser(prog).parse_args(argv))
 
 
-def format_table(columns: dict[str, dict]) -> str:
-    """Rows: metrics on train and test; columns: base and each trained method."""
-    rows = [("pass@1", lambda m: m["pass@1"]), ("pass@8", lambda m: m["pass@k"].get("8", float("nan"))),
-            ("pass@64", lambda m: m["pass@k"].get("64", float("nan"))), ("coverage", lambda m: m["coverage"]),
-            ("exact pass@64", lambda m: m["exact_pass@k"].get("64", float("nan"))),
-            ("exact coverage", lambda m: m["exact_coverage"]),
-            ("oversharpened", lambda m: m["oversharpened"]), ("entropy", lambda m: m["entropy"])]
-    names = list(columns)
-    lines = [f"{'':22}" + "".join(f"{n:>12}" for n in names)]
-    for split in columns[names[0]]:
-        for label, get in rows:
-            lines.append(f"{split + ' ' + label:22}" + "".join(f"{get(columns[n][split]):12.3f}" for n in names))
-    return "\n".join(lines)
-
-
 DEMO_METHODS = ("grpo", "iac+dlc")
 
 
@@ -2378,7 +2243,7 @@ def demo(argv: list[str]) -> None:
         columns[method], timing[method] = summary["final"], summary["timing"]
     print(f"\nbase vs {' vs '.join(DEMO_METHODS)}: {cfg.steps} RL steps of {cfg.queries_per_step} queries x "
           f"{cfg.group_size} samples, seed {cfg.seed}, metrics from n={cfg.eval_n} samples per query")
-    print(format_table(columns))
+    print(results_table(columns, list(columns["base"])))
     ws = max(t["warmstart_s"] for t in timing.values())
     print(f"\nwarm-start {ws:.1f}s (0 = cached base reused); "
           + "; ".join(f"{m} RL {t['rl_s']:.1f}s ({t['rl_step_s'] * 1000:.0f} ms/step)" for m, t in timing.items())
@@ -2398,13 +2263,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.resume:
             cfg = dataclasses.replace(cfg, out=args.resume)
         summary = train(cfg, resume=bool(args.resume))
-        print(format_table({"base": summary["base"], summary["config"]["method"]: summary["final"]}))
-    elif cmd == "make-tasks":
-        p = argparse.ArgumentParser(prog="rlvr.py make-tasks")
-        p.add_argument("--out", default=str(HERE / "toy_tasks"), help="folder to write train/val/test.jsonl into")
-        p.add_argument("--seed", type=int, default=0, help="seed of the split")
-        a = p.parse_args(rest)
-        print(make_tasks(a.out, a.seed))
+        print(results_table({"base": summary["base"], summary["config"]["method"]: summary["final"]},
+                            list(summary["base"])))
     elif cmd == "compare":
         p = config_parser("compare")
         p.add_argument("--methods", default="grpo,iac,dlc,iac+dlc",
@@ -2416,7 +2276,7 @@ def main(argv: list[str] | None = None) -> None:
         args = p.parse_args(rest)
         cfg = config_from(args)
         results = compare(cfg, args.methods.split(","), [int(x) for x in args.seeds.split(",")], args.jobs)
-        print(results_table(results))
+        print(compare_report(results))
         print(f"compare finished in {results['wall_s']:.0f}s; results in {cfg.out}/results.json, results.md, *.png")
     elif cmd == "explain":
         p = config_parser("explain")
@@ -2444,7 +2304,7 @@ def main(argv: list[str] | None = None) -> None:
         demo(rest)
     else:
         sys.exit(f"rlvr.py: unknown command {cmd!r} "
-                 "(use train, compare, explain, bench, make-tasks, or no command for the demo)")
+                 "(use train, compare, explain, bench, or no command for the demo)")
 
 
 def cli(argv: list[str] | None = None) -> None:
