@@ -93,9 +93,7 @@ HERE = Path(__file__).resolve().parent
 # Read it top to bottom, in the order the data flows; this is the part to edit to change RLVR itself.
 # ==============================================================================================
 
-# ----------------------------------------------------------------------------------------------
-# Config: every knob, one line of help each
-# ----------------------------------------------------------------------------------------------
+# -- Config: every knob, one line of help each ---------------------------------------------------------------------
 def knob(default, help: str):
     """A Config field with its one-line --help text (the reason for a default goes in a comment beside it)."""
     return field(default=default, metadata={"help": help})
@@ -162,9 +160,7 @@ class Config:
     eval_batch: int = knob(2048, "sequences per batched evaluation call")
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer and policy: a real transformers causal LM with a one-character-per-token tokenizer
-# ----------------------------------------------------------------------------------------------
+# -- Tokenizer and policy: a real transformers causal LM with a one-character-per-token tokenizer ------------------
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
 
@@ -196,23 +192,9 @@ def build_policy(cfg: Config, tokenizer) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def format_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, wrapped in the tokenizer's chat template when it has one (instruct models)."""
-    if getattr(tokenizer, "chat_template", None):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=False) for p in prompts]
-    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Tasks and verifiers: every query has many correct completions, all of them enumerable
-# ----------------------------------------------------------------------------------------------
+# -- Tasks and verifiers: every query has many correct completions, all of them enumerable -------------------------
 MAX_ANSWER_CHARS = 64  # anything longer is wrong without being parsed: verifiers stay O(1) on any input
-
-
 _DIGIT_SUM = re.compile(r"[1-9](?:\+[1-9])*")
-
-
 _EXPR = re.compile(r"[0-9]{1,3}(?:[+\-*][0-9]{1,3})*")
 
 
@@ -270,51 +252,18 @@ class TaskType:
     check: Callable[[dict], str | None] = lambda task: None
 
 
-def _check_terms(task: dict) -> str | None:
-    ok = 1 <= task["terms"] <= 6
-    return None if ok else f"'terms' must be 1..6 (9^terms answers are enumerated), got {task['terms']}"
-
-
 def _check_numbers(task: dict) -> str | None:
     ok = 1 <= len(task["numbers"]) <= 5 and all(isinstance(n, int) and 0 <= n < 1000 for n in task["numbers"])
     return None if ok else f"'numbers' must be 1..5 integers in 0..999, got {task['numbers']!r}"
 
 
-# Add yours here. word_problem: a story around a countdown query, for real language models (answer: one expression).
+# Add yours here (the README shows how). The checks keep enumeration small: 9^terms digit sums, 5! orders.
 TASK_TYPES = {
-    "digit_sum": TaskType(verify_digit_sum, enumerate_digit_sum, {"prompt": str, "terms": int, "target": int},
-                          _check_terms),
-    "countdown": TaskType(verify_countdown, enumerate_countdown, {"prompt": str, "numbers": list, "target": int},
-                          _check_numbers),
-    "word_problem": TaskType(verify_countdown, enumerate_countdown, {"prompt": str, "numbers": list, "target": int},
-                             _check_numbers),
+    "digit_sum": TaskType(verify_digit_sum, enumerate_digit_sum, {"terms": int, "target": int},
+                          lambda t: None if 1 <= t["terms"] <= 6 else f"'terms' must be 1..6, got {t['terms']}"),
+    "countdown": TaskType(verify_countdown, enumerate_countdown, {"numbers": list, "target": int}, _check_numbers),
 }
-
-
-_BOXED = "\\boxed{"
-
-
-_LABEL = re.compile(r"^[A-Za-z][A-Za-z ]{0,24}:")
-
-
-def extract_answer(completion: str) -> str:
-    """The answer part of a completion: the last \\boxed{...} if any, else the last non-empty line, without
-    labels ('Answer:'), markdown, spaces, a final period or a trailing '= value'. Toy completions pass unchanged.
-    Reads at most the last 4096 characters, so any input costs O(1) after the slice."""
-    text = completion[-4096:]
-    start = text.rfind(_BOXED)
-    if start >= 0:
-        depth, end = 1, start + len(_BOXED)
-        while end < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[end], 0)
-            end += 1
-        answer = text[start + len(_BOXED):end - 1 if depth == 0 else end]
-    else:
-        lines = [line for line in text.splitlines() if line.strip()]
-        answer = lines[-1] if lines else ""
-    answer = _LABEL.sub("", answer.strip().replace("**", ""))
-    answer = re.sub(r"[\s$`*]|\\[a-z]+", lambda m: "*" if m.group() in ("*", "\\times", "\\cdot") else "", answer)
-    return answer.split("=")[0].rstrip(".")
+TASK_TYPES["word_problem"] = TASK_TYPES["countdown"]  # a story around a countdown query, for real language models
 
 
 def verify(task: dict, completion: str) -> float:
@@ -322,7 +271,7 @@ def verify(task: dict, completion: str) -> float:
     try:
         if not isinstance(completion, str):
             return 0.0
-        answer = extract_answer(completion)
+        answer = extract_answer(completion)  # the last line or \boxed{}, without labels (Part 3)
         if len(answer) > MAX_ANSWER_CHARS:
             return 0.0
         return TASK_TYPES[task["type"]].verify(task, answer)
@@ -337,27 +286,20 @@ def enumerate_solutions(task: dict) -> list[str]:
 
 @dataclass
 class TaskSet:
-    """Tasks of one split with their tokenised prompts and (lazily) their enumerated solutions."""
+    """Tasks of one split with their tokenised prompts and their enumerated correct completions."""
     tasks: list[dict]
     prompt_ids: list[list[int]]
-    _solutions: list[list[str]] | None = None
+    solutions: list[list[str]]
 
     @classmethod
-    def build(cls, tasks: list[dict], tokenizer) -> "TaskSet":
-        return cls(tasks, format_prompts(tokenizer, [t["prompt"] for t in tasks]))
-
-    @property
-    def solutions(self) -> list[list[str]]:
-        if self._solutions is None:
-            self._solutions = [enumerate_solutions(t) for t in self.tasks]
-        return self._solutions
+    def build(cls, tasks: list[dict], tokenizer) -> TaskSet:
+        prompt_ids = format_prompts(tokenizer, [t["prompt"] for t in tasks])
+        return cls(tasks, prompt_ids, [enumerate_solutions(t) for t in tasks])
 
     def __len__(self) -> int:
         return len(self.tasks)
 
-# ----------------------------------------------------------------------------------------------
-# Sampling: all prompts x group_size completions in one batched KV-cache decode
-# ----------------------------------------------------------------------------------------------
+# -- Sampling: all prompts x group_size completions in one batched KV-cache decode ---------------------------------
 @dataclass
 class Rollouts:
     """A batch of prompt+completion sequences laid out as [left-padded prompt | completion | pad]."""
@@ -378,15 +320,6 @@ class Rollouts:
         """Rows i..j-1: one micro-batch."""
         return Rollouts(**{k: v if v is None or k == "prompt_len" else v[i:j] for k, v in vars(self).items()})
 
-    @staticmethod
-    def cat(parts: list[Rollouts]) -> Rollouts:
-        """Join micro-batches sampled with the same prompt width (see `sample(width=...)`)."""
-        def join(values):
-            if values[0] is None or isinstance(values[0], int):
-                return values[0]
-            return torch.cat(values) if isinstance(values[0], torch.Tensor) else [x for v in values for x in v]
-        return Rollouts(**{k: join([vars(p)[k] for p in parts]) for k in vars(parts[0])})
-
 
 def pad_left(seqs: list[list[int]], pad_id: int, device, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(width, max(len(s) for s in seqs))
@@ -398,26 +331,6 @@ def pad_left(seqs: list[list[int]], pad_id: int, device, width: int = 0) -> tupl
 def positions(mask: torch.Tensor) -> torch.Tensor:
     # left padding shifts every prompt, so positions must count real tokens only
     return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-class GroupNoise:
-    """Uniform noise for the sampler, one random stream per group of the batch, seeded by (seed, group index).
-
-    A chunk of rows [first, first + B) draws only the groups it overlaps, so a query's rollouts depend on
-    (seed, its place in the batch) and not on how the batch is split: --micro-batch and the out-of-memory redo
-    change memory use only. Call once per generated token; returns [B, vocab].
-    """
-
-    def __init__(self, seed: int, first: int, rows: int, group_size: int, device: torch.device):
-        self.first, self.rows, self.group_size, self.device = first, rows, group_size, device
-        groups = range(first // group_size, (first + rows - 1) // group_size + 1)
-        self.streams = [(g, torch.Generator(device=device).manual_seed(seed + g)) for g in groups]
-
-    def __call__(self, vocab: int) -> torch.Tensor:
-        G = self.group_size
-        rows = torch.cat([torch.rand((G, vocab), generator=gen, device=self.device) for _, gen in self.streams])
-        offset = self.first - self.streams[0][0] * G
-        return rows[offset:offset + self.rows]
 
 
 @torch.no_grad()
@@ -452,16 +365,13 @@ def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator
     cache = DynamicCache(config=model.config)
     pos = positions(prompt_mask)
     # a group repeats its prompt G times: run each distinct prompt once, then copy its KV cache to every row
-    first_row: dict[tuple, int] = {}  # distinct prompt -> the row where it first appears
-    for row, p in enumerate(prompt_ids):
-        first_row.setdefault(tuple(p), row)
-    slot = {key: i for i, key in enumerate(first_row)}
-    rows = [slot[tuple(p)] for p in prompt_ids]
-    unique = torch.tensor(list(first_row.values()), device=device)
+    keys = [tuple(p) for p in prompt_ids]
+    slot = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # distinct prompts, in order of first appearance
+    unique = torch.tensor([keys.index(key) for key in slot], device=device)
     hidden = base(input_ids=ids[unique], attention_mask=prompt_mask[unique], position_ids=pos[unique], use_cache=True,
                   **{cache_kw: cache}).last_hidden_state[:, -1]
     if len(unique) < B:
-        expand = torch.tensor(rows, device=device)
+        expand = torch.tensor([slot[key] for key in keys], device=device)
         cache.batch_select_indices(expand)
         hidden = hidden[expand]
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
@@ -525,9 +435,7 @@ def rewards_for(tasks: list[dict], rollouts: Rollouts) -> torch.Tensor:
     r = [verify(task, text) if fin else 0.0 for task, text, fin in zip(tasks, rollouts.texts, finished)]
     return torch.tensor(r, dtype=torch.float32)
 
-# ----------------------------------------------------------------------------------------------
-# Log-probabilities of completions: one forward, logits only at completion positions
-# ----------------------------------------------------------------------------------------------
+# -- Log-probabilities of completions: one forward, logits only at completion positions ----------------------------
 def completion_logprobs(model, rollouts: Rollouts, with_entropy: bool = False, temperature: float = 1.0):
     """Per-token log pi(y_t | q, y_<t) over the completion, [B, T]; optional token entropy and hidden states.
     temperature: log-probs of the tempered distribution that `sample` draws from (exact metrics only)."""
@@ -555,9 +463,7 @@ def sequence_logprobs(model, tokenizer, prompt_ids: list[list[int]], completions
         out.append((logp * r.completion_mask).sum(1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
-# ----------------------------------------------------------------------------------------------
-# Advantages: GRPO and the paper's inverse-success calibration (IAC); the other estimators are in Part 2
-# ----------------------------------------------------------------------------------------------
+# -- Advantages: GRPO and the paper's inverse-success calibration (IAC); the other estimators are in Part 2 --------
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """GRPO (arXiv 2402.03300): A = (r - mean_group) / (std_group + eps). All-equal groups give exactly 0.
 
@@ -579,10 +485,9 @@ def inverse_success_calibration(advantages: torch.Tensor, rewards: torch.Tensor,
     would spread to other queries through shared parameters, is no longer what drives the update.
     Example, G = 4, rewards [1, 0, 0, 0]: GRPO gives [1.5, -0.5, -0.5, -0.5], IAC [4.5, -0.5, -0.5, -0.5].
     advantages, rewards: [num_queries, G]. All-correct and all-wrong groups stay exactly 0.
-    Project's choice after reward shaping (unlikely, count): an all-correct group then has advantages of both
-    signs, and scaling only its positive ones by 0 failures would push a solved query's likely answers down with
-    nothing pushed up. So a group whose successes get factor 0 gets no push at all. (With 0/1 rewards such a
-    group is 0 already; "successes" are positive advantages of samples with reward > 0, failures reward <= 0.)
+    Project's choice, for reward shapings (unlikely, count) that give an all-correct group advantages of both signs:
+    a group with no failures (factor 0) gets no push at all, rather than only its likely answers pushed down.
+    "Successes" are positive advantages of samples with reward > 0.
     renorm: rescale the batch so its mean |A| is unchanged (the paper shows none, hence off by default).
     """
     group_size = rewards.shape[1]
@@ -594,46 +499,20 @@ def inverse_success_calibration(advantages: torch.Tensor, rewards: torch.Tensor,
         calibrated = calibrated * (advantages.abs().sum() / calibrated.abs().sum())
     return calibrated
 
-# ----------------------------------------------------------------------------------------------
-# Distribution-level calibration (DLC): a memory network of what the policy already sampled
-# ----------------------------------------------------------------------------------------------
-class MemoryNetwork(torch.nn.Module):
-    """Predicts the next token *the policy sampled* from the policy's detached hidden state at that position.
-
-    Project's choice of architecture: a 2-layer MLP head on the policy's last hidden state rather than a
-    second causal LM, because the decode loop already computes that state: DLC then costs one small
-    matmul per token instead of a second transformer with its own KV cache. The last layer starts at
-    zero, so the memory starts uniform and DLC is a no-op until it has seen rollouts.
-    """
-
-    def __init__(self, hidden_size: int, vocab_size: int, width: int = 64):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(hidden_size, width), torch.nn.GELU(),
-                                       torch.nn.Linear(width, vocab_size))
-        torch.nn.init.zeros_(self.net[-1].weight)
-        torch.nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.net(hidden.detach().float()), dim=-1)  # normalised: mu means one thing everywhere
-
-
+# -- Distribution-level calibration (DLC): a memory network of what the policy already sampled ---------------------
 def dlc_calibrate(policy_logp: torch.Tensor, memory_logp: torch.Tensor, mu: float, min_p: float = 0.0) -> torch.Tensor:
     """DLC (arXiv 2601.15609): sample from softmax(z_policy - mu * z_memory), both as log-softmax; returns log q.
 
-    Tokens the policy has produced often (high memory log-prob) are pushed down, rarely visited but
-    valid ones up, so a finite group reaches more of the correct modes and each receives positive credit:
-    the sampling bias that makes GRPO over-sharpen shrinks. With mu = 0 this is exactly the policy.
+    Tokens the policy has produced often (high memory log-prob) are pushed down, rarely visited but valid ones up,
+    so a finite group reaches more of the correct modes and each receives positive credit: the sampling bias that
+    makes GRPO over-sharpen shrinks. With mu = 0 this is exactly the policy.
     Project's choice, min_p: only the plausible tokens (pi >= min_p * max pi) are calibrated, and among them only
-    the *shares* move: q keeps the policy's total mass on the plausible set, and every other token keeps its own
-    pi. The memory has never seen the tokens the policy rules out, so calibrating them would boost junk; and
-    re-normalising over all tokens would silently cut their mass (a hidden min-p truncation GRPO never gets).
-    So a uniform (untrained) memory gives q = pi exactly, at any min_p.
-    What it converges to: the memory learns from samples of q, and if it tracked q exactly, q = pi * q^-mu on the
-    plausible set has the fixed point q ~ pi^(1/(1+mu)): at equilibrium DLC is a temperature of 1 + mu there
-    (for mu > 1 an exact tracker would overshoot; the lagging memory swings around the fixed point instead).
-    We keep the paper's "trained on what was already sampled", i.e. on q, not on samples of pi. What sets DLC
-    apart from a temperature is the memory's lag (a window of recent steps) and that one memory serves every query.
-    policy_logp, memory_logp: [B, V].
+    the *shares* move: q keeps the policy's mass on the plausible set, and every other token keeps its own pi (the
+    memory has never seen them; boosting them would boost junk, cutting them would be a hidden min-p truncation).
+    So an untrained (uniform) memory gives q = pi exactly, at any min_p.
+    Fixed point: if the memory tracked q exactly, q = pi * q^-mu gives q ~ pi^(1/(1+mu)) on the plausible set, a
+    temperature of 1 + mu (the lagging memory swings around it for mu > 1). What sets DLC apart from a temperature
+    is that lag (a window of recent steps) and that one memory serves every query. policy_logp, memory_logp: [B, V].
     """
     if mu == 0:
         return policy_logp
@@ -652,16 +531,25 @@ def dlc_calibrate(policy_logp: torch.Tensor, memory_logp: torch.Tensor, mu: floa
 
 
 class Memory:
-    """The memory network plus its training data: a FIFO window of recent rollouts (hidden state, sampled token)."""
+    """DLC's memory network and its training data, a FIFO window of recent rollouts (hidden state, sampled token).
 
-    def __init__(self, hidden_size: int, vocab_size: int, cfg: "Config", device: torch.device):
-        self.net = MemoryNetwork(hidden_size, vocab_size, cfg.mem_width).to(device)
+    It predicts the next token *the policy sampled* from the policy's detached hidden state at that position.
+    Project's choice of architecture: a 2-layer MLP head on that state rather than a second causal LM, because the
+    decode loop already computes it: DLC costs one small matmul per token instead of a second transformer with its
+    own KV cache. The last layer starts at zero: the memory starts uniform, and DLC is a no-op until it has learned.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, cfg: Config, device: torch.device):
+        self.net = torch.nn.Sequential(torch.nn.Linear(hidden_size, cfg.mem_width), torch.nn.GELU(),
+                                       torch.nn.Linear(cfg.mem_width, vocab_size)).to(device)
+        torch.nn.init.zeros_(self.net[-1].weight)
+        torch.nn.init.zeros_(self.net[-1].bias)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.mem_lr)
         self.window: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.window_size, self.steps = cfg.mem_window, cfg.mem_steps
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.net(hidden)
+        return torch.log_softmax(self.net(hidden.detach().float()), dim=-1)  # normalised: mu means one thing everywhere
 
     def update(self, hidden: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> float:
         """Add a batch of rollouts to the window, then fit the memory to the whole window by cross-entropy."""
@@ -670,7 +558,7 @@ class Memory:
         h = torch.cat([w[0] for w in self.window])
         y = torch.cat([w[1] for w in self.window])
         for _ in range(self.steps):
-            loss = F.nll_loss(self.net(h), y)
+            loss = F.nll_loss(self(h), y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -679,19 +567,12 @@ class Memory:
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "window": self.window}
 
-    def snapshot(self) -> dict:
-        """A copy of the state to roll back to (window tensors are never changed in place, so they are shared)."""
-        return {"net": copy.deepcopy(self.net.state_dict()), "opt": copy.deepcopy(self.opt.state_dict()),
-                "window": list(self.window)}
-
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
         self.window = state["window"]
 
-# ----------------------------------------------------------------------------------------------
-# The update: token-level PPO-clip loss with optional k3 KL to the base
-# ----------------------------------------------------------------------------------------------
+# -- The update: token-level PPO-clip loss with optional k3 KL to the base -----------------------------------------
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                   clip_eps: float = 0.2, clip_eps_high: float | None = None, ref_logp: torch.Tensor | None = None,
                   kl_coef: float = 0.0, entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
@@ -724,9 +605,7 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
         loss = loss - entropy_coef * (entropy * mask).sum() / denom
     return loss, metrics
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation: pass@k, coverage, exact over-sharpened fraction, entropy
-# ----------------------------------------------------------------------------------------------
+# -- Evaluation: pass@k, coverage, exact over-sharpened fraction, entropy ------------------------------------------
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
     if not 0 <= c <= n or not 1 <= k <= n:
@@ -744,11 +623,6 @@ def exact_pass_at_k(p_correct: float, k: int) -> float:
 def exact_coverage(mode_probs: list[float], n: int) -> float:
     """Expected share of the correct modes found at least once in n samples: mean over modes of 1 - (1 - pi(o))^n."""
     return float(np.mean([exact_pass_at_k(p, n) for p in mode_probs])) if mode_probs else 0.0
-
-
-def k_values(n: int) -> list[int]:
-    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
-    return ks if ks[-1] == n else ks + [n]
 
 
 @torch.no_grad()
@@ -776,7 +650,7 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
                                                                      temperature=temperature)  # what `sample` draws
     base_lp = logprobs if base_logprobs is None else base_logprobs
     per_query = [len(sols) for sols in taskset.solutions]
-    ks, N = k_values(n), len(taskset)
+    ks, N = sorted({min(2**i, n) for i in range(n.bit_length() + 1)}), len(taskset)  # 1, 2, 4, ..., n
     pass_k, exact_k = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0)
     coverage, exact_cov, correct, noncanonical, oversharpened = [], [], 0, 0, 0.0
     for q, (lp, lp_t, lp_base) in enumerate(zip(*(torch.split(x, per_query) for x in (logprobs, tempered, base_lp)))):
@@ -798,9 +672,7 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
                "noncanonical": noncanonical / max(correct, 1)}
     return metrics, logprobs
 
-# ----------------------------------------------------------------------------------------------
-# Warm-start: supervised fine-tuning on uniformly sampled correct solutions -> the diverse base
-# ----------------------------------------------------------------------------------------------
+# -- Warm-start: supervised fine-tuning on uniformly sampled correct solutions -> the diverse base -----------------
 
 
 def warm_start(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
@@ -825,9 +697,7 @@ def warm_start(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------
-# The RL step and loop: collect rollouts, let the memory learn them, update the policy
-# ----------------------------------------------------------------------------------------------
+# -- The RL step and loop: collect rollouts, let the memory learn them, update the policy --------------------------
 def compute_advantages(cfg: Config, rewards: torch.Tensor, seq_logp: torch.Tensor,
                        counts: torch.Tensor | None) -> torch.Tensor:
     """Compose a method's parts in order: reward shaping -> base estimator -> advantage scaling. All [Q, G]."""
@@ -875,7 +745,7 @@ def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries
     tasks = [train_set.tasks[q] for q in queries for _ in range(G)]
     prompts = [train_set.prompt_ids[q] for q in queries for _ in range(G)]
     width = max(len(p) for p in prompts)
-    rollouts = Rollouts.cat([sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, T, mu=cfg.dlc_mu,
+    rollouts = cat_rollouts([sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, T, mu=cfg.dlc_mu,
                                     memory=memory if "dlc" in parts else None, min_p=cfg.dlc_min_p, width=width,
                                     noise=GroupNoise(noise_seed, i, j - i, G, device)) for i, j in spans])
     mask = rollouts.completion_mask
@@ -936,13 +806,12 @@ def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
             kl += metrics.get("kl", 0.0) * part_tokens
             entropy_sum += (entropy.detach() * mask[i:j]).sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):  # never let a NaN into the weights
+        if math.isfinite(loss) and torch.isfinite(grad_norm):  # never let a NaN into the weights
+            opt.step()
+        else:
             print(f"rlvr.py: warning: non-finite loss or gradient ({loss}, {grad_norm.item()}); update skipped",
                   file=sys.stderr)
-            opt.zero_grad(set_to_none=True)
             skipped += 1
-            continue
-        opt.step()
     stats = {"loss": loss, "grad_norm": grad_norm.item(), "entropy": entropy_sum / n_tokens, "skipped_updates": skipped,
              "clip_frac": clip_frac / (n_tokens * cfg.ppo_epochs)}  # over every micro-batch of every epoch
     if batch.ref_logp is not None:
@@ -995,7 +864,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if saved:
         policy, memory, state = restore_run(saved, cfg, device)
     else:
-        policy, _ = load_policy(base_path, device, attention_for(cfg))  # a fresh copy; `base` stays frozen
+        policy, _ = load_policy(base_path, device, attention_for(cfg), cfg.grad_checkpointing)  # `base` stays frozen
         memory = None
         if "dlc" in parse_method(cfg.method)[1]:
             torch.manual_seed(cfg.seed)  # the memory's init must not depend on whether the base came from the cache
@@ -1029,24 +898,14 @@ def train(cfg: Config, resume: bool = False) -> dict:
     final_metrics, _ = eval_all(policy, state.base_logprobs, tag="final ")
     log.write({"step": cfg.steps, "eval": final_metrics})
     save_run(out, cfg, policy, tokenizer, opt, memory, state)
-    summary = {"config": dataclasses.asdict(cfg), "base": state.base_metrics, "final": final_metrics,
-               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(state.rl_s, 3),
-                          "rl_step_s": round(state.rl_s / max(cfg.steps, 1), 4)},
-               "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size,
-                          "generated_tokens": state.tokens, "skipped_updates": state.skipped_updates}}
-    if device.type == "cuda":
-        summary["timing"]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    write_json(out / "summary.json", summary)
-    return summary
+    return write_summary(out, cfg, state, final_metrics, warmstart_s, device)
 
 # ==============================================================================================
 # PART 2: THE OTHER PUBLISHED METHODS AND THE LESSONS
 # Small pure functions, each tested; add a method here and name it in ADVANTAGES or MODIFIERS.
 # ==============================================================================================
 
-# ----------------------------------------------------------------------------------------------
-# Competing estimators and reward shapings, and how a --method string names them
-# ----------------------------------------------------------------------------------------------
+# -- Competing estimators and reward shapings, and how a --method string names them --------------------------------
 def drgrpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """Dr. GRPO (Understanding R1-Zero-Like Training, arXiv 2503.20783): A = r - mean_group, no std division.
 
@@ -1167,9 +1026,7 @@ def parse_method(method: str) -> tuple[str, set[str]]:
                          "or rloo")
     return estimator, set(parts) - set(bases)
 
-# ----------------------------------------------------------------------------------------------
-# Lessons: sampling bias and semantic coupling, each on its own (python rlvr.py explain)
-# ----------------------------------------------------------------------------------------------
+# -- Lessons: sampling bias and semantic coupling, each on its own (python rlvr.py explain) ------------------------
 def ideal_update(probs: torch.Tensor, rewards: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """The infinite-sample optimum of E[A] - beta KL(pi || pi_ref): pi* = pi_ref exp(A / beta) / Z.
 
@@ -1438,9 +1295,7 @@ def plot_explain(report: dict, out: Path) -> None:
 # Input checks, checkpoints and resume, experiments, benchmarks, the task generator, verl, the CLI.
 # ==============================================================================================
 
-# ----------------------------------------------------------------------------------------------
-# Input checks: bad task files and impossible settings end with one clear line
-# ----------------------------------------------------------------------------------------------
+# -- Input checks: bad task files and impossible settings end with one clear line ----------------------------------
 class UserError(Exception):
     """A problem with the user's input: reported as one line on stderr, exit code 2, no traceback."""
 
@@ -1563,9 +1418,30 @@ def check_fits(cfg: Config, model, splits: dict[str, TaskSet]) -> None:
                         "positions")
 
 
-# ----------------------------------------------------------------------------------------------
-# Devices, precision, loading models, and the cache of warm-started bases
-# ----------------------------------------------------------------------------------------------
+# -- Reading the answer out of a completion: real models wrap it in words, markdown or \boxed{} --------------------
+_BOXED, _LABEL = "\\boxed{", re.compile(r"^[A-Za-z][A-Za-z ]{0,24}:")
+
+
+def extract_answer(completion: str) -> str:
+    """The answer part of a completion: the last \\boxed{...} if any, else the last non-empty line, without
+    labels ('Answer:'), markdown, spaces, a final period or a trailing '= value'. Toy completions pass unchanged.
+    Reads at most the last 4096 characters, so any input costs O(1) after the slice."""
+    text = completion[-4096:]
+    start = text.rfind(_BOXED)
+    if start >= 0:
+        depth, end = 1, start + len(_BOXED)
+        while end < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        answer = text[start + len(_BOXED):end - 1 if depth == 0 else end]
+    else:
+        lines = [line for line in text.splitlines() if line.strip()]
+        answer = lines[-1] if lines else ""
+    answer = _LABEL.sub("", answer.strip().replace("**", ""))
+    answer = re.sub(r"[\s$`*]|\\[a-z]+", lambda m: "*" if m.group() in ("*", "\\times", "\\cdot") else "", answer)
+    return answer.split("=")[0].rstrip(".")
+
+# -- Devices, precision, loading models, and the cache of warm-started bases ---------------------------------------
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1601,6 +1477,14 @@ def attention_for(cfg) -> str | None:
     return None if cfg.model else TINY_ATTENTION
 
 
+def format_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, wrapped in the tokenizer's chat template when it has one (instruct models)."""
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=False) for p in prompts]
+    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+
 def load_tokenizer(path: str | Path | None = None):
     """The built-in character tokenizer, or a model's own, left-padding and with a pad token."""
     if not path:
@@ -1612,15 +1496,19 @@ def load_tokenizer(path: str | Path | None = None):
     return tokenizer
 
 
-def load_policy(path: str | Path, device: torch.device, attn_implementation: str | None = None):
+def load_policy(path: str | Path, device: torch.device, attn_implementation: str | None = None,
+                grad_checkpointing: bool = False):
     """Any causal LM, with fp32 weights on every device: they are the master weights the optimiser updates (a bf16
     weight cannot hold a step of lr 1e-6: most such steps round to nothing). Speed on GPUs comes from `autocast`.
     attn_implementation: TINY_ATTENTION for the built-in policy (not stored in its config.json)."""
     kwargs = {"dtype": torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
-    return model.eval(), load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()  # transformers only checkpoints in train mode; the sampler switches to eval itself
+    return model, load_tokenizer(path)
 
 
 def warmstart_seed(cfg: Config) -> int:
@@ -1650,9 +1538,7 @@ def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
     save_policy(model, tokenizer, path)
     return model, time.perf_counter() - t0, path
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints, logs and resume
-# ----------------------------------------------------------------------------------------------
+# -- Checkpoints, logs and resume ----------------------------------------------------------------------------------
 class JsonlLog:
     """metrics.jsonl: one JSON object per line, appended and flushed as written. A fresh run keeps the metrics of an
     earlier run in the same folder, renamed; a resumed one appends a marker and goes on."""
@@ -1747,6 +1633,20 @@ def save_run(out: Path, cfg: Config, policy, tokenizer, opt, memory, state: RunS
     save_policy(policy, tokenizer, out / "checkpoint", extra)
 
 
+def write_summary(out: Path, cfg: Config, state: RunState, final_metrics: dict, warmstart_s: float,
+                  device: torch.device) -> dict:
+    """summary.json: the config, base and final metrics, timing and the budget spent."""
+    summary = {"config": dataclasses.asdict(cfg), "base": state.base_metrics, "final": final_metrics,
+               "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(state.rl_s, 3),
+                          "rl_step_s": round(state.rl_s / max(cfg.steps, 1), 4)},
+               "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size,
+                          "generated_tokens": state.tokens, "skipped_updates": state.skipped_updates}}
+    if device.type == "cuda":
+        summary["timing"]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
 def load_run(out: str | Path) -> dict:
     """The saved trainer state of the run in `out` (its config as a Config); `restore_run` rebuilds the rest."""
     path = Path(out) / "checkpoint" / "trainer_state.pt"
@@ -1769,16 +1669,43 @@ def restore_run(saved: dict, cfg: Config, device: torch.device):
 
 def load_checkpoint(path: str | Path, cfg: Config, device: torch.device):
     """Policy, tokenizer and (for DLC runs) the memory network with its optimizer and replay window."""
-    model, tokenizer = load_policy(path, device, attention_for(cfg))
+    model, tokenizer = load_policy(path, device, attention_for(cfg), cfg.grad_checkpointing)
     memory = None
     if (Path(path) / "memory.pt").exists():
         memory = Memory(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg, device)
         memory.load_state_dict(torch.load(Path(path) / "memory.pt", map_location=device, weights_only=False))
     return model, tokenizer, memory
 
-# ----------------------------------------------------------------------------------------------
-# Out-of-memory: redo a step in smaller micro-batches, from exactly the state it started in
-# ----------------------------------------------------------------------------------------------
+# -- Micro-batches and out-of-memory: the same samples and the same update, in smaller pieces ----------------------
+class GroupNoise:
+    """Uniform noise for the sampler, one random stream per group of the batch, seeded by (seed, group index).
+
+    A chunk of rows [first, first + B) draws only the groups it overlaps, so a query's rollouts depend on
+    (seed, its place in the batch) and not on how the batch is split: --micro-batch and the out-of-memory redo
+    change memory use only. Call once per generated token; returns [B, vocab].
+    """
+
+    def __init__(self, seed: int, first: int, rows: int, group_size: int, device: torch.device):
+        self.first, self.rows, self.group_size, self.device = first, rows, group_size, device
+        groups = range(first // group_size, (first + rows - 1) // group_size + 1)
+        self.streams = [(g, torch.Generator(device=device).manual_seed(seed + g)) for g in groups]
+
+    def __call__(self, vocab: int) -> torch.Tensor:
+        G = self.group_size
+        rows = torch.cat([torch.rand((G, vocab), generator=gen, device=self.device) for _, gen in self.streams])
+        offset = self.first - self.streams[0][0] * G
+        return rows[offset:offset + self.rows]
+
+
+def cat_rollouts(parts: list[Rollouts]) -> Rollouts:
+    """Join micro-batches of rollouts sampled with the same prompt width (see `sample(width=...)`)."""
+    def join(values):
+        if values[0] is None or isinstance(values[0], int):
+            return values[0]
+        return torch.cat(values) if isinstance(values[0], torch.Tensor) else [x for v in values for x in v]
+    return Rollouts(**{k: join([vars(p)[k] for p in parts]) for k in vars(parts[0])})
+
+
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5+
 
 
@@ -1791,7 +1718,10 @@ def rl_step_or_redo(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, que
     Same rollouts, same update. Once the optimiser has begun a step the run stops with a message instead: a redo
     would apply the update twice, and micro-batches cannot shrink the optimiser's state."""
     gen_state = gen.get_state()
-    memory_state = memory.snapshot() if memory is not None else None
+    memory_state = None  # window tensors are never changed in place, so the snapshot shares them
+    if memory is not None:
+        memory_state = {"net": copy.deepcopy(memory.net.state_dict()), "opt": copy.deepcopy(memory.opt.state_dict()),
+                        "window": list(memory.window)}
     stepped = []
     hook = opt.register_step_pre_hook(lambda *args: stepped.append(True))
     try:
@@ -1821,9 +1751,7 @@ def rl_step_or_redo(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, que
         hook.remove()
 
 
-# ----------------------------------------------------------------------------------------------
-# Experiments: every method from the same base per seed, same budget, mean and 95% CI over seeds
-# ----------------------------------------------------------------------------------------------
+# -- Experiments: every method from the same base per seed, same budget, mean and 95% CI over seeds ----------------
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t quantiles, df = 1..10
 
 
@@ -2007,9 +1935,7 @@ def plot_results(results: dict, out: Path) -> None:
     fig.savefig(out / "training.png", dpi=80)
     plt.close(fig)
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark: sampler and DLC cost, RL step time (measured side by side in one process)
-# ----------------------------------------------------------------------------------------------
+# -- Benchmark: sampler and DLC cost, RL step time (measured side by side in one process) --------------------------
 def _median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -2160,9 +2086,7 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
             "batch": f"{cfg.queries_per_step}x{cfg.group_size}", "max_new_tokens": cfg.max_new_tokens,
             "threads": torch.get_num_threads()}
 
-# ----------------------------------------------------------------------------------------------
-# Scaling out: IAC on flat tensors, and as an advantage estimator of verl (multi-GPU RLVR)
-# ----------------------------------------------------------------------------------------------
+# -- Scaling out: IAC on flat tensors, and as an advantage estimator of verl (multi-GPU RLVR) ----------------------
 def group_index(group_ids) -> torch.Tensor:
     """Any per-sample group labels (ints, strings, a numpy array of uids) -> dense ids 0..num_groups-1."""
     labels = group_ids.tolist() if hasattr(group_ids, "tolist") else list(group_ids)
@@ -2205,9 +2129,7 @@ def register_verl_iac(name: str = "grpo_iac", alpha: float = Config.iac_alpha):
         core_algos.register_adv_est(name)(compute_grpo_iac_advantage)
     return core_algos.get_adv_estimator_fn(name)
 
-# ----------------------------------------------------------------------------------------------
-# Reporting and CLI
-# ----------------------------------------------------------------------------------------------
+# -- Reporting and CLI ---------------------------------------------------------------------------------------------
 def config_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"rlvr.py {prog}".strip())
     for f in dataclasses.fields(Config):
@@ -2224,28 +2146,22 @@ def config_from(args: argparse.Namespace) -> Config:
     return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
-def parse_config(argv: list[str] | None = None, prog: str = "train") -> Config:
-    return config_from(config_parser(prog).parse_args(argv))
-
-
 DEMO_METHODS = ("grpo", "iac+dlc")
 
 
-def demo(argv: list[str]) -> None:
+def demo(cfg: Config) -> None:
     """The default run: from one warm-started base, GRPO and IAC+DLC with the same seed and budget, side by side."""
-    cfg = parse_config(argv, prog="")
     t0 = time.perf_counter()
     columns, timing = {}, {}
     for method in DEMO_METHODS:
-        run_cfg = dataclasses.replace(cfg, method=method, out=str(Path(cfg.out) / method.replace("+", "-")))
-        summary = train(run_cfg)
+        summary = train(dataclasses.replace(cfg, method=method, out=str(Path(cfg.out) / method.replace("+", "-"))))
         columns.setdefault("base", summary["base"])
         columns[method], timing[method] = summary["final"], summary["timing"]
     print(f"\nbase vs {' vs '.join(DEMO_METHODS)}: {cfg.steps} RL steps of {cfg.queries_per_step} queries x "
           f"{cfg.group_size} samples, seed {cfg.seed}, metrics from n={cfg.eval_n} samples per query")
     print(results_table(columns, list(columns["base"])))
     ws = max(t["warmstart_s"] for t in timing.values())
-    print(f"\nwarm-start {ws:.1f}s (0 = cached base reused); "
+    print(f"warm-start {ws:.1f}s (0 = cached base reused); "
           + "; ".join(f"{m} RL {t['rl_s']:.1f}s ({t['rl_step_s'] * 1000:.0f} ms/step)" for m, t in timing.items())
           + f"; total {time.perf_counter() - t0:.1f}s. Summaries in {cfg.out}/*/summary.json")
 
@@ -2253,58 +2169,46 @@ def demo(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv and not argv[0].startswith("-") else "demo"
-    rest = argv[1:] if cmd != "demo" else argv
+    if cmd not in ("demo", "train", "compare", "explain", "bench"):
+        sys.exit(f"rlvr.py: unknown command {cmd!r} (use train, compare, explain, bench, or no command for the demo)")
+    p = config_parser("" if cmd == "demo" else cmd)
+    p.set_defaults(out=f"runs/{cmd}")
     if cmd == "train":
-        p = config_parser("train")
         p.add_argument("--resume", metavar="DIR",
                        help="continue the interrupted run in DIR with its saved config (other flags are ignored)")
-        args = p.parse_args(rest)
-        cfg = config_from(args)
-        if args.resume:
-            cfg = dataclasses.replace(cfg, out=args.resume)
-        summary = train(cfg, resume=bool(args.resume))
-        print(results_table({"base": summary["base"], summary["config"]["method"]: summary["final"]},
-                            list(summary["base"])))
     elif cmd == "compare":
-        p = config_parser("compare")
         p.add_argument("--methods", default="grpo,iac,dlc,iac+dlc",
                        help="comma-separated methods, all from the same base per seed")
         p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
         p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                        help="runs in parallel (each gets cores/jobs threads)")
-        p.set_defaults(out="runs/compare")
-        args = p.parse_args(rest)
-        cfg = config_from(args)
+    elif cmd == "explain":
+        p.add_argument("--runs", default="runs/demo", help="folder whose */checkpoint columns join the mode mass table")
+        p.add_argument("--lesson", default="all", choices=["all", "bias", "coupling", "modes"],
+                       help="which lesson to run")
+    elif cmd == "bench":
+        p.add_argument("--trl", action="store_true",
+                       help="also time TRL's GRPOTrainer on the same policy (needs pip install trl)")
+        p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    args = p.parse_args(argv if cmd == "demo" else argv[1:])
+    cfg = config_from(args)
+    if cmd == "demo":
+        demo(cfg)
+    elif cmd == "train":
+        summary = train(dataclasses.replace(cfg, out=args.resume or cfg.out), resume=bool(args.resume))
+        print(results_table({"base": summary["base"], summary["config"]["method"]: summary["final"]},
+                            list(summary["base"])))
+    elif cmd == "compare":
         results = compare(cfg, args.methods.split(","), [int(x) for x in args.seeds.split(",")], args.jobs)
         print(compare_report(results))
         print(f"compare finished in {results['wall_s']:.0f}s; results in {cfg.out}/results.json, results.md, *.png")
     elif cmd == "explain":
-        p = config_parser("explain")
-        p.add_argument("--runs", default="runs/demo", help="folder whose */checkpoint columns join the mode mass table")
-        p.add_argument("--lesson", default="all", choices=["all", "bias", "coupling", "modes"],
-                       help="which lesson to run")
-        p.set_defaults(out="runs/explain")
-        args = p.parse_args(rest)
-        explain(config_from(args), Path(args.runs), args.lesson)
-    elif cmd == "bench":
-        p = config_parser("bench")
-        p.add_argument("--trl", action="store_true",
-                       help="also time TRL's GRPOTrainer on the same policy (needs pip install trl)")
-        p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
-        p.set_defaults(out="runs/bench")
-        args = p.parse_args(rest)
-        cfg = config_from(args)
-        result = bench(cfg, scaling=not args.no_scaling)
-        if args.trl:
-            result["trl"] = bench_trl(cfg)
+        explain(cfg, Path(args.runs), args.lesson)
+    else:
+        result = bench(cfg, scaling=not args.no_scaling) | ({"trl": bench_trl(cfg)} if args.trl else {})
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         write_json(Path(cfg.out) / "bench.json", result)
         print(json.dumps(result, indent=1))
-    elif cmd == "demo":
-        demo(rest)
-    else:
-        sys.exit(f"rlvr.py: unknown command {cmd!r} "
-                 "(use train, compare, explain, bench, or no command for the demo)")
 
 
 def cli(argv: list[str] | None = None) -> None:

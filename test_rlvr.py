@@ -333,7 +333,7 @@ def test_parse_method():
 def test_dlc_with_mu_zero_is_exactly_the_plain_sampler(tokenizer, warm_model):
     model, train = warm_model
     memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), rlvr.Config(), torch.device("cpu"))
-    torch.nn.init.normal_(memory.net.net[-1].weight)  # a memory with opinions, so mu is what makes it a no-op
+    torch.nn.init.normal_(memory.net[-1].weight)  # a memory with opinions, so mu is what makes it a no-op
     prompts = [p for p in train.prompt_ids for _ in range(8)]
     plain = rlvr.sample(model, tokenizer, prompts, 8, generator=torch.Generator().manual_seed(3))
     dlc0 = rlvr.sample(model, tokenizer, prompts, 8, generator=torch.Generator().manual_seed(3), memory=memory, mu=0.0)
@@ -374,7 +374,7 @@ def test_checkpoint_round_trip_restores_memory(tmp_path, task_dir):
     assert memory is not None and len(memory.window) == min(cfg.steps, cfg.mem_window)
     for k, v in saved["net"].items():
         assert torch.equal(memory.net.state_dict()[k], v)
-    assert memory.net.net[-1].weight.abs().sum() > 0  # it was trained, not a fresh zero-initialised head
+    assert memory.net[-1].weight.abs().sum() > 0  # it was trained, not a fresh zero-initialised head
     h = torch.randn(3, policy.config.hidden_size)
     assert torch.allclose(memory(h), memory(h)) and memory(h).exp().sum(-1).allclose(torch.ones(3))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -784,7 +784,7 @@ def test_loss_uses_the_sampling_temperature(tmp_path, task_dir, tokenizer, warm_
     cfg = tiny_cfg(tmp_path, task_dir, group_size=8, temperature=0.7, method="dlc+kl", dlc_mu=0.0, dlc_is_cap=2.0,
                    micro_batch=20, ppo_epochs=2)
     memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), cfg, torch.device("cpu"))
-    torch.nn.init.normal_(memory.net.net[-1].weight)  # mu = 0 must make even an opinionated memory a no-op
+    torch.nn.init.normal_(memory.net[-1].weight)  # mu = 0 must make even an opinionated memory a no-op
     policy = copy.deepcopy(model)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     rlvr.rl_step(cfg, policy, tokenizer, opt, train, list(range(len(train))), torch.Generator().manual_seed(0),
