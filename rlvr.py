@@ -66,6 +66,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -244,8 +245,8 @@ def enumerate_countdown(task: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class TaskType:
-    """A task type: its verifier, the enumerator of its correct completions, the fields (and their types) a task
-    record needs, and an optional check of their values that returns an error message or None."""
+    """A task type: verifier, enumerator of the correct completions, the fields a task record needs (name: type),
+    and an optional check of their values that returns an error message or None."""
     verify: Callable[[dict, str], float]
     enumerate: Callable[[dict], list[str]]
     fields: dict
@@ -269,13 +270,11 @@ TASK_TYPES["word_problem"] = TASK_TYPES["countdown"]  # a story around a countdo
 def verify(task: dict, completion: str) -> float:
     """1.0 if `completion` solves `task` (one JSONL record), else 0.0. Never raises, never eval()s."""
     try:
-        if not isinstance(completion, str):
-            return 0.0
         answer = extract_answer(completion)  # the last line or \boxed{}, without labels (Part 3)
         if len(answer) > MAX_ANSWER_CHARS:
             return 0.0
         return TASK_TYPES[task["type"]].verify(task, answer)
-    except Exception:  # a malformed task record is reported when loading; here only model text arrives
+    except Exception:  # not a string, say: a malformed task record is reported when loading, not here
         return 0.0
 
 
@@ -395,9 +394,7 @@ def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator
         next_pos = next_pos + 1
         hidden = base(input_ids=out[:, t:t + 1], attention_mask=mask[:, :P + t + 1], position_ids=next_pos,
                       use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
-    rollouts = _make_rollouts(tokenizer, ids, prompt_mask, out, ent)
-    rollouts.sample_logp = sample_logp
-    return rollouts
+    return dataclasses.replace(_make_rollouts(tokenizer, ids, prompt_mask, out, ent), sample_logp=sample_logp)
 
 
 def _make_rollouts(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor,
@@ -517,10 +514,8 @@ def dlc_calibrate(policy_logp: torch.Tensor, memory_logp: torch.Tensor, mu: floa
     if mu == 0:
         return policy_logp
     memory_logp = memory_logp.clamp(min=-100.0)  # a saturated memory must not turn -inf * mu into NaN
-    if min_p > 0:
-        plausible = policy_logp >= policy_logp.max(dim=-1, keepdim=True).values + math.log(min_p)
-    else:
-        plausible = torch.ones_like(policy_logp, dtype=torch.bool)
+    plausible = (policy_logp >= policy_logp.max(dim=-1, keepdim=True).values + math.log(min_p) if min_p > 0
+                 else torch.ones_like(policy_logp, dtype=torch.bool))
     penalty = torch.where(plausible, mu * memory_logp, -math.inf)
     penalty = torch.where(plausible, penalty - penalty.max(dim=-1, keepdim=True).values, 0.0)  # exactly 0 when uniform
     inside = torch.where(plausible, policy_logp - penalty, -math.inf)
@@ -734,10 +729,8 @@ class Batch:
 def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries: list[int], noise_seed: int,
                      base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> Batch:
     """Sample a group per query, verify, and turn rewards into advantages; no weight moves here."""
-    device = next(policy.parameters()).device
-    _, parts = parse_method(cfg.method)
-    G, T = cfg.group_size, cfg.temperature
-    B = len(queries) * G
+    device, (_, parts) = next(policy.parameters()).device, parse_method(cfg.method)
+    G, T, B = cfg.group_size, cfg.temperature, len(queries) * cfg.group_size
     micro = cfg.micro_batch or B
     spans = [(i, min(i + micro, B)) for i in range(0, B, micro)]
     # 1. sample a group of completions per query (DLC: from the calibrated distribution), one chunk per micro-batch,
@@ -870,9 +863,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
             torch.manual_seed(cfg.seed)  # the memory's init must not depend on whether the base came from the cache
             memory = Memory(policy.config.hidden_size, policy.get_output_embeddings().weight.shape[0], cfg, device)
         state = RunState.start(cfg, device, *eval_all(base, tag="base "))
-    if cfg.grad_checkpointing:
-        policy.gradient_checkpointing_enable()
-        policy.train()  # transformers only checkpoints in train mode; the sampler switches to eval itself
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if saved:
         opt.load_state_dict(saved["optimizer"])
@@ -892,9 +882,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             if stop.signum or (cfg.save_every and step % cfg.save_every == 0):
                 save_run(out, cfg, policy, tokenizer, opt, memory, state)
             if stop.signum:
-                print(f"rlvr.py: stopped at step {step}; continue with: python rlvr.py train --resume {out}",
-                      file=sys.stderr)
-                sys.exit(128 + stop.signum)
+                stop.exit(f"stopped at step {step}; continue with: python rlvr.py train --resume {out}")
     final_metrics, _ = eval_all(policy, state.base_logprobs, tag="final ")
     log.write({"step": cfg.steps, "eval": final_metrics})
     save_run(out, cfg, policy, tokenizer, opt, memory, state)
@@ -1563,12 +1551,9 @@ def write_json(path: Path, obj) -> None:
 
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop checks it between steps, saves a checkpoint and exits. A second signal aborts."""
-
-    def __init__(self):
-        self.signum = 0
+    signum = 0
 
     def __enter__(self):
-        import signal
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -1578,8 +1563,11 @@ class StopFlag:
         self.signum = signum
         print(f"\nrlvr.py: signal {signum}: saving a checkpoint after this step...", file=sys.stderr)
 
+    def exit(self, message: str) -> None:
+        print(f"rlvr.py: {message}", file=sys.stderr)
+        sys.exit(128 + self.signum)
+
     def __exit__(self, *exc):
-        import signal
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -2029,62 +2017,55 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
 
 def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
     """Our RL step vs TRL's GRPOTrainer on the same saved base policy, prompts per step, group, length; one update
-    per batch, no KL, token-level loss in both. Needs `pip install trl` (not a dependency); blocks of steps
-    alternate."""
+    per batch, no KL, token-level loss in both. Needs `pip install trl` (not a dependency). Rounds of steps
+    alternate; the first two steps of each are warm-up."""
     import datasets
     import trl
     from transformers import TrainerCallback
 
     device, tokenizer, train_set, policy = _bench_setup(cfg)
-    base_path = policy.name_or_path  # TRL loads the same saved policy itself
     by_prompt = {t["prompt"]: t for t in train_set.tasks}
-
-    def reward(prompts, completions, **kwargs):
-        return [verify(by_prompt[p], c) for p, c in zip(prompts, completions)]
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-
     rng = random.Random(cfg.seed)
     rows = [{"prompt": train_set.tasks[rng.randrange(len(train_set))]["prompt"]}
             for _ in range(cfg.queries_per_step * (steps + 4) * rounds)]
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     trl_times, our_times = [], []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            trl_times[-1].append(time.perf_counter() - self.t0)
+
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            timer = StepTimer()
             args = trl.GRPOConfig(
                 output_dir=tmp, per_device_train_batch_size=cfg.queries_per_step * cfg.group_size,
                 num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens, num_iterations=1, beta=0.0,
-                learning_rate=cfg.lr, max_steps=steps + 2,
-                temperature=cfg.temperature, use_cpu=device.type == "cpu", bf16=amp_dtype(device) is not None,
-                gradient_checkpointing=False,
+                learning_rate=cfg.lr, max_steps=steps + 2, temperature=cfg.temperature,
+                use_cpu=device.type == "cpu", bf16=amp_dtype(device) is not None, gradient_checkpointing=False,
                 logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed + r,
                 model_init_kwargs={"attn_implementation": attention_for(cfg)})  # the same attention kernels as ours
-            trainer = trl.GRPOTrainer(model=str(base_path), reward_funcs=reward, args=args,
-                                      train_dataset=datasets.Dataset.from_list(rows),
-                                      processing_class=tokenizer, callbacks=[timer])
+            trainer = trl.GRPOTrainer(  # TRL loads the same saved policy itself
+                model=str(policy.name_or_path), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                reward_funcs=lambda prompts, completions, **kw: [verify(by_prompt[p], c)
+                                                                 for p, c in zip(prompts, completions)],
+                processing_class=tokenizer, callbacks=[StepTimer()])
+            trl_times.append([])
             trainer.train()
-            trl_times += timer.times[2:]  # the first steps warm up
-            for _ in range(steps + 2):
+            for step in range(steps + 2):
                 queries = [rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
                 t0 = time.perf_counter()
                 rl_step(cfg, policy, tokenizer, opt, train_set, queries, gen)
-                our_times.append(time.perf_counter() - t0)
-            our_times = our_times[:-steps - 2] + our_times[-steps:]
-    trl_s, our_s = float(np.median(trl_times)), float(np.median(our_times))
+                if step >= 2:
+                    our_times.append(time.perf_counter() - t0)
+    trl_s = float(np.median([t for times in trl_times for t in times[2:]]))
+    our_s = float(np.median(our_times))
     return {"trl_version": trl.__version__, "trl_step_s": round(trl_s, 4), "rl_step_s": round(our_s, 4),
-            "speedup_vs_trl": round(trl_s / our_s, 2), "steps_timed": [len(trl_times), len(our_times)],
-            "batch": f"{cfg.queries_per_step}x{cfg.group_size}", "max_new_tokens": cfg.max_new_tokens,
-            "threads": torch.get_num_threads()}
+            "speedup_vs_trl": round(trl_s / our_s, 2), "batch": f"{cfg.queries_per_step}x{cfg.group_size}",
+            "max_new_tokens": cfg.max_new_tokens, "threads": torch.get_num_threads()}
 
 # -- Scaling out: IAC on flat tensors, and as an advantage estimator of verl (multi-GPU RLVR) ----------------------
 def group_index(group_ids) -> torch.Tensor:
