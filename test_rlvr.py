@@ -1109,7 +1109,7 @@ def test_readability_budgets():
     assert len((rlvr.HERE / "README.md").read_text().splitlines()) <= 350
 
 
-FILE_BUDGET = 2250  # what the file holds today with every feature kept; lower it as the file gets simpler
+FILE_BUDGET = 2210  # the file with every feature kept (see the note in toy_tasks/results/README.md); only lower it
 
 
 # Fixed-seed numbers of a short run (the demo's defaults, 5 steps, 16 samples per query), recorded from the code
