@@ -260,8 +260,8 @@ def _check_numbers(task: dict) -> str | None:
 
 # Add yours here (the README shows how). The checks keep enumeration small: 9^terms digit sums, 5! orders.
 TASK_TYPES = {
-    "digit_sum": TaskType(verify_digit_sum, enumerate_digit_sum, {"terms": int, "target": int},
-                          lambda t: None if 1 <= t["terms"] <= 6 else f"'terms' must be 1..6, got {t['terms']}"),
+    "digit_sum": TaskType(verify_digit_sum, enumerate_digit_sum, {"terms": int, "target": int}, lambda t: None
+                          if 1 <= t["terms"] <= 6 else f"'terms' must be 1..6 (9^terms answers), got {t['terms']}"),
     "countdown": TaskType(verify_countdown, enumerate_countdown, {"numbers": list, "target": int}, _check_numbers),
 }
 TASK_TYPES["word_problem"] = TASK_TYPES["countdown"]  # a story around a countdown query, for real language models
@@ -364,13 +364,15 @@ def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator
     cache = DynamicCache(config=model.config)
     pos = positions(prompt_mask)
     # a group repeats its prompt G times: run each distinct prompt once, then copy its KV cache to every row
-    keys = [tuple(p) for p in prompt_ids]
-    slot = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # distinct prompts, in order of first appearance
-    unique = torch.tensor([keys.index(key) for key in slot], device=device)
+    first_row: dict[tuple, int] = {}  # each distinct prompt -> the row where it first appears
+    for row, p in enumerate(prompt_ids):
+        first_row.setdefault(tuple(p), row)
+    slot = {key: i for i, key in enumerate(first_row)}
+    unique = torch.tensor(list(first_row.values()), device=device)
     hidden = base(input_ids=ids[unique], attention_mask=prompt_mask[unique], position_ids=pos[unique], use_cache=True,
                   **{cache_kw: cache}).last_hidden_state[:, -1]
     if len(unique) < B:
-        expand = torch.tensor([slot[key] for key in keys], device=device)
+        expand = torch.tensor([slot[tuple(p)] for p in prompt_ids], device=device)
         cache.batch_select_indices(expand)
         hidden = hidden[expand]
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
@@ -559,14 +561,6 @@ class Memory:
             self.opt.step()
         return loss.item()
 
-    def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "window": self.window}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
-        self.opt.load_state_dict(state["opt"])
-        self.window = state["window"]
-
 # -- The update: token-level PPO-clip loss with optional k3 KL to the base -----------------------------------------
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                   clip_eps: float = 0.2, clip_eps_high: float | None = None, ref_logp: torch.Tensor | None = None,
@@ -622,8 +616,7 @@ def exact_coverage(mode_probs: list[float], n: int) -> float:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max_new_tokens: int, seed: int,
-             base_logprobs: torch.Tensor | None = None, batch: int = 2048,
-             desc: str = "eval") -> tuple[dict, torch.Tensor]:
+             base_logprobs: torch.Tensor | None = None, batch: int = 2048, desc: str = "eval"):
     """Metrics M of one split and the exact log-probabilities of every correct completion (for over-sharpening)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -643,23 +636,24 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
     logprobs = sequence_logprobs(model, tokenizer, flat_prompts, flat_sols)
     tempered = logprobs if temperature == 1.0 else sequence_logprobs(model, tokenizer, flat_prompts, flat_sols,
                                                                      temperature=temperature)  # what `sample` draws
-    base_lp = logprobs if base_logprobs is None else base_logprobs
     per_query = [len(sols) for sols in taskset.solutions]
-    ks, N = sorted({min(2**i, n) for i in range(n.bit_length() + 1)}), len(taskset)  # 1, 2, 4, ..., n
-    pass_k, exact_k = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0)
+    fell = None if base_logprobs is None else torch.split((logprobs < base_logprobs).float(), per_query)
+    ks = sorted({min(2**i, n) for i in range(n.bit_length() + 1)})  # 1, 2, 4, ..., n
+    N, pass_k, exact_k = len(taskset), dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0)
     coverage, exact_cov, correct, noncanonical, oversharpened = [], [], 0, 0, 0.0
-    for q, (lp, lp_t, lp_base) in enumerate(zip(*(torch.split(x, per_query) for x in (logprobs, tempered, base_lp)))):
+    for q, query_logprobs in enumerate(torch.split(tempered, per_query)):
         hits = [texts[q * n + j] for j in range(n) if rewards[q, j] > 0]  # sampled: unbiased pass@k, distinct answers
         coverage.append(len({extract_answer(h) for h in hits}) / len(taskset.solutions[q]))
         correct, noncanonical = correct + len(hits), noncanonical + sum(h not in taskset.solutions[q] for h in hits)
         # exact: the chance of a correct answer is the summed probability of the correct modes (up to correct texts
         # outside the canonical forms, whose sampled share is `noncanonical`)
-        mode_probs = lp_t.double().exp().tolist()
+        mode_probs = query_logprobs.double().exp().tolist()
         exact_cov.append(exact_coverage(mode_probs, n))
         for k in ks:
             pass_k[k] += pass_at_k(n, len(hits), k) / N
             exact_k[k] += exact_pass_at_k(sum(mode_probs), k) / N
-        oversharpened += (lp < lp_base).float().mean().item() / N  # share of this query's correct modes that lost mass
+        if fell is not None:  # the share of this query's correct modes whose probability fell below the base's
+            oversharpened += fell[q].mean().item() / N
     metrics = {"pass@1": pass_k[1], "pass@k": {str(k): v for k, v in pass_k.items()},
                "coverage": float(np.mean(coverage)), "oversharpened": oversharpened,
                "entropy": ent_sum / max(ent_count, 1),
@@ -668,8 +662,6 @@ def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max
     return metrics, logprobs
 
 # -- Warm-start: supervised fine-tuning on uniformly sampled correct solutions -> the diverse base -----------------
-
-
 def warm_start(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
     """Train the base policy by SFT: pick a training query uniformly, then one of its correct solutions uniformly."""
     torch.manual_seed(warmstart_seed(cfg))
@@ -729,7 +721,8 @@ class Batch:
 def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries: list[int], noise_seed: int,
                      base=None, memory: Memory | None = None, outcome_counts: dict | None = None) -> Batch:
     """Sample a group per query, verify, and turn rewards into advantages; no weight moves here."""
-    device, (_, parts) = next(policy.parameters()).device, parse_method(cfg.method)
+    device = next(policy.parameters()).device
+    _, parts = parse_method(cfg.method)
     G, T, B = cfg.group_size, cfg.temperature, len(queries) * cfg.group_size
     micro = cfg.micro_batch or B
     spans = [(i, min(i + micro, B)) for i in range(0, B, micro)]
@@ -804,6 +797,7 @@ def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
         else:
             print(f"rlvr.py: warning: non-finite loss or gradient ({loss}, {grad_norm.item()}); update skipped",
                   file=sys.stderr)
+            opt.zero_grad(set_to_none=True)
             skipped += 1
     stats = {"loss": loss, "grad_norm": grad_norm.item(), "entropy": entropy_sum / n_tokens, "skipped_updates": skipped,
              "clip_frac": clip_frac / (n_tokens * cfg.ppo_epochs)}  # over every micro-batch of every epoch
@@ -1280,7 +1274,7 @@ def plot_explain(report: dict, out: Path) -> None:
 
 # ==============================================================================================
 # PART 3: MACHINERY YOU RARELY NEED TO EDIT
-# Input checks, checkpoints and resume, experiments, benchmarks, the task generator, verl, the CLI.
+# Input checks, loading models, checkpoints and resume, micro-batches, experiments, benchmarks, verl, the CLI.
 # ==============================================================================================
 
 # -- Input checks: bad task files and impossible settings end with one clear line ----------------------------------
@@ -1380,6 +1374,7 @@ def validate_config(cfg: Config) -> None:
         raise UserError("cliphigher acts only with --ppo-epochs > 1 (with one epoch the PPO ratio is exactly 1)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
+
 
 def setup_run(cfg: Config) -> tuple[torch.device, Path]:
     """Check the config, set the CPU threads, pick the device and make the output folder."""
@@ -1488,7 +1483,8 @@ def load_policy(path: str | Path, device: torch.device, attn_implementation: str
                 grad_checkpointing: bool = False):
     """Any causal LM, with fp32 weights on every device: they are the master weights the optimiser updates (a bf16
     weight cannot hold a step of lr 1e-6: most such steps round to nothing). Speed on GPUs comes from `autocast`.
-    attn_implementation: TINY_ATTENTION for the built-in policy (not stored in its config.json)."""
+    attn_implementation: TINY_ATTENTION for the built-in policy (not stored in its config.json).
+    grad_checkpointing: recompute activations in the backward pass; the model is then returned in train mode."""
     kwargs = {"dtype": torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -1617,7 +1613,7 @@ def save_run(out: Path, cfg: Config, policy, tokenizer, opt, memory, state: RunS
     trainer_state = {"config": dataclasses.asdict(cfg), "state": fields, "optimizer": opt.state_dict(),
                      "rng": {"sampler": state.sampler.get_state(), "queries": state.query_rng.getstate(),
                              "torch": torch.get_rng_state()}}
-    extra = {"trainer_state.pt": trainer_state} | ({"memory.pt": memory.state_dict()} if memory is not None else {})
+    extra = {"trainer_state.pt": trainer_state} | ({"memory.pt": memory_state(memory)} if memory is not None else {})
     save_policy(policy, tokenizer, out / "checkpoint", extra)
 
 
@@ -1641,6 +1637,8 @@ def load_run(out: str | Path) -> dict:
     if not path.exists():
         raise UserError(f"--resume {out}: no checkpoint there ({path} is missing)")
     saved = torch.load(path, map_location="cpu", weights_only=False)
+    if "state" not in saved:
+        raise UserError(f"--resume {out}: the checkpoint was written by an older rlvr.py and cannot be resumed")
     return saved | {"config": Config(**saved["config"] | {"out": str(out)})}
 
 
@@ -1655,13 +1653,24 @@ def restore_run(saved: dict, cfg: Config, device: torch.device):
     return policy, memory, RunState(sampler, query_rng, **saved["state"])
 
 
+def memory_state(memory: Memory) -> dict:
+    """The memory's weights, optimiser and replay window: what a checkpoint saves, and the out-of-memory redo too."""
+    return {"net": memory.net.state_dict(), "opt": memory.opt.state_dict(), "window": memory.window}
+
+
+def load_memory_state(memory: Memory, state: dict) -> None:
+    memory.net.load_state_dict(state["net"])
+    memory.opt.load_state_dict(state["opt"])
+    memory.window = state["window"]
+
+
 def load_checkpoint(path: str | Path, cfg: Config, device: torch.device):
     """Policy, tokenizer and (for DLC runs) the memory network with its optimizer and replay window."""
     model, tokenizer = load_policy(path, device, attention_for(cfg), cfg.grad_checkpointing)
     memory = None
     if (Path(path) / "memory.pt").exists():
         memory = Memory(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg, device)
-        memory.load_state_dict(torch.load(Path(path) / "memory.pt", map_location=device, weights_only=False))
+        load_memory_state(memory, torch.load(Path(path) / "memory.pt", map_location=device, weights_only=False))
     return model, tokenizer, memory
 
 # -- Micro-batches and out-of-memory: the same samples and the same update, in smaller pieces ----------------------
@@ -1732,7 +1741,7 @@ def rl_step_or_redo(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, que
                 opt.zero_grad(set_to_none=True)
                 gen.set_state(gen_state)
                 if memory is not None:
-                    memory.load_state_dict(copy.deepcopy(memory_state))  # a copy: loading could alias the snapshot
+                    load_memory_state(memory, copy.deepcopy(memory_state))  # a copy: loading could alias the snapshot
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
     finally:
@@ -1802,6 +1811,10 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
     if not todo and (out / "results.json").exists():  # nothing ran: keep the wall time of the invocation that did
         results["wall_s"] = json.loads((out / "results.json").read_text()).get("wall_s", results["wall_s"])
     splits = list(next(iter(runs.values()))["final"])
+    stale = [name for name, run in runs.items() if "exact_pass@k" not in run["final"][splits[0]]]
+    if stale:
+        raise UserError(f"{out}/runs/{stale[0]}/summary.json was written by an older rlvr.py (no exact metrics): "
+                        "delete it, or compare into a new --out")
 
     def final(name, seed, split):  # the base's metrics come from any run of that seed: they share the base
         run = runs[run_name(methods[0] if name == "base" else name, seed)]
@@ -1828,7 +1841,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
 
 
 TABLE_COLUMNS = ("exact_pass@1", "exact_pass@n", "exact_coverage", "pass@1", "pass@8", "pass@n", "coverage",
-                 "oversharpened", "entropy")  # n: the number of samples per query
+                 "oversharpened", "noncanonical", "entropy")  # n: the number of samples per query
 
 
 def results_table(rows: dict[str, dict], splits: list[str], sign: str = "") -> str:
@@ -1839,7 +1852,7 @@ def results_table(rows: dict[str, dict], splits: list[str], sign: str = "") -> s
     for split in splits:
         table = {name: flat_metrics(row[split]) if "pass@k" in row[split] else row[split] for name, row in rows.items()}
         n = max(int(k[len("pass@"):]) for k in next(iter(table.values())) if k.startswith("pass@"))
-        columns = [c.replace("@n", f"@{n}") for c in TABLE_COLUMNS]
+        columns = list(dict.fromkeys(c.replace("@n", f"@{n}") for c in TABLE_COLUMNS))  # without pass@8 twice at n 8
         lines += [f"**{split}**", "", "| method | " + " | ".join(columns) + " |", "|---" * len(columns) + "|---|"]
         lines += [f"| {name} | " + " | ".join(cell(values[c]) if c in values else "-" for c in columns) + " |"
                   for name, values in table.items()]
@@ -2011,7 +2024,7 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
                 tokens_per_s.append(ours(None, p, T, stop=not fixed) / (time.perf_counter() - t0))
             result["scaling"].append({"sequences": len(p), "max_new_tokens": T, "stop_at_eos": not fixed,
                                       "sample_tokens_per_s": round(float(np.median(tokens_per_s)), 1),
-                                      "rl_step_s": round(_median_time(lambda: step("grpo", q, T), n_rep), 4)})
+                                      "rl_step_s": round(_median_time(lambda: step(cfg.method, q, T), n_rep), 4)})
     return result
 
 
@@ -2065,6 +2078,7 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
     our_s = float(np.median(our_times))
     return {"trl_version": trl.__version__, "trl_step_s": round(trl_s, 4), "rl_step_s": round(our_s, 4),
             "speedup_vs_trl": round(trl_s / our_s, 2), "batch": f"{cfg.queries_per_step}x{cfg.group_size}",
+            "steps_timed": [sum(len(times[2:]) for times in trl_times), len(our_times)],
             "max_new_tokens": cfg.max_new_tokens, "threads": torch.get_num_threads()}
 
 # -- Scaling out: IAC on flat tensors, and as an advantage estimator of verl (multi-GPU RLVR) ----------------------
