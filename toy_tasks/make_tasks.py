@@ -6,6 +6,7 @@ real language models (--model) in word_problems/. Deterministic: the committed f
 import argparse
 import itertools
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -46,6 +47,26 @@ def make_word_problems(rng: random.Random, n: int) -> list[dict]:
     return tasks
 
 
+def make_small_lm_tasks(rng: random.Random, n: int) -> list[dict]:
+    """Countdown questions a 135M-parameter instruct model solves now and then: two or three numbers 2-9, + and *,
+    asked in words, the answer alone on the last line. Each has at least two correct expressions (orders)."""
+    tasks, seen = [], set()
+    while len(tasks) < n:
+        nums = [rng.randint(2, 9) for _ in range(rng.choice((2, 3)))]
+        expr = str(nums[0]) + "".join(rng.choice("+*") + str(x) for x in nums[1:])
+        target = sum(math.prod(map(int, term.split("*"))) for term in expr.split("+"))
+        key = (tuple(sorted(nums)), target)
+        names = " and ".join(map(str, nums)) if len(nums) == 2 else f"{nums[0]}, {nums[1]} and {nums[2]}"
+        prompt = (f"Use the numbers {names} once each, with + or *, to make {target}. "
+                  "Write the expression alone on the last line.")
+        task = {"id": f"lm-{len(tasks)}", "type": "countdown", "prompt": prompt, "numbers": nums, "target": target}
+        task["num_solutions"] = len(enumerate_countdown(task))
+        if key not in seen and target < 100 and task["num_solutions"] >= 2:
+            seen.add(key)
+            tasks.append(task)
+    return tasks
+
+
 def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] = (48, 160, 48)) -> dict[str, int]:
     """Deterministically write train/val/test.jsonl: digit sums (split by target) and countdown (split by query)."""
     rng = random.Random(seed)
@@ -79,15 +100,19 @@ def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] =
     # word problems for real language models (--model), in their own folder: toy_tasks/word_problems
     words = make_word_problems(rng, 100)
     word_splits = {"train": words[:60], "val": words[60:80], "test": words[80:]}
+    # short questions for small instruct models (SmolLM2-135M-Instruct): toy_tasks/small_lm
+    small = make_small_lm_tasks(rng, 64)
+    small_splits = {"train": small[:24], "val": small[24:40], "test": small[40:]}
     out = Path(out)
-    for folder, split_tasks in ((out, splits), (out / "word_problems", word_splits)):
+    for folder, split_tasks in ((out, splits), (out / "word_problems", word_splits), (out / "small_lm", small_splits)):
         folder.mkdir(parents=True, exist_ok=True)
         for name, tasks in split_tasks.items():
             with open(folder / f"{name}.jsonl", "w") as f:
                 for task in tasks:
                     f.write(json.dumps(task) + "\n")
     counts = {name: len(tasks) for name, tasks in splits.items()}
-    return counts | {f"word_problems/{k}": len(v) for k, v in word_splits.items()}
+    return counts | {f"{folder}/{k}": len(v) for folder, parts in (("word_problems", word_splits),
+                                                                     ("small_lm", small_splits)) for k, v in parts.items()}
 
 
 if __name__ == "__main__":
