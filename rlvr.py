@@ -132,6 +132,9 @@ class Config:
     ppo_epochs: int = knob(1, "updates per batch; 1 = exactly on-policy (ratio 1, clipping never acts)")
     max_grad_norm: float = knob(1.0, "gradient clipping norm")
     temperature: float = knob(1.0, "sampling temperature for rollouts and evaluation (the loss uses it too)")
+    # the exploration knobs a user tries first; evaluation always samples the policy at --temperature, untruncated
+    rollout_temperature: float = knob(0.0, "training rollouts' temperature, and the loss's (0: --temperature)")
+    rollout_min_p: float = knob(0.0, "training rollouts drop tokens with q < min_p * max q (0: keep all)")
     max_new_tokens: int = knob(8, "longest completion, EOS included")
     # the paper's calibrations (used when --method names them)
     iac_alpha: float = knob(1.0, "IAC exponent: successes' advantages x (G - #correct)^alpha")  # the paper's 1
@@ -158,7 +161,7 @@ class Config:
     eval_n: int = knob(64, "samples per query for pass@k and coverage")
     eval_every: int = knob(50, "evaluate train and test every this many RL steps (0: only at the end)")
     save_every: int = knob(50, "write a resumable checkpoint every this many RL steps (0: at the end and on Ctrl-C)")
-    eval_split: str = knob("test", "held-out split evaluated next to train: test for reported numbers, val for tuning")
+    eval_split: str = knob("test", "held-out split(s) evaluated next to train: test to report, val to tune, val,test")
     eval_batch: int = knob(2048, "sequences per batched evaluation call")
 
 
@@ -198,19 +201,6 @@ def build_policy(cfg: Config, tokenizer) -> GPT2LMHeadModel:
 MAX_ANSWER_CHARS = 64  # anything longer is wrong without being parsed: verifiers stay O(1) on any input
 _DIGIT_SUM = re.compile(r"[1-9](?:\+[1-9])*")
 _EXPR = re.compile(r"[0-9]{1,3}(?:[+\-*][0-9]{1,3})*")
-
-
-def _eval_plus_minus_times(expr: str) -> int:
-    """Value of a +,-,* expression with the usual precedence; expr already matched _EXPR (no eval())."""
-    total, term, sign = 0, None, 1
-    for tok in re.findall(r"[0-9]+|[+\-*]", expr):
-        if tok == "*":
-            continue
-        if tok in "+-":
-            total, term, sign = total + sign * term, None, 1 if tok == "+" else -1
-        else:
-            term = int(tok) if term is None else term * int(tok)
-    return total + sign * term
 
 
 def verify_digit_sum(task: dict, completion: str) -> float:
@@ -336,21 +326,23 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            generator: torch.Generator | None = None, with_entropy: bool = False, memory=None, mu: float = 0.0,
-           min_p: float = 0.0, stop_at_eos: bool = True, noise: GroupNoise | None = None, width: int = 0) -> Rollouts:
+           dlc_min_p: float = 0.0, min_p: float = 0.0, stop_at_eos: bool = True, noise: GroupNoise | None = None,
+           width: int = 0) -> Rollouts:
     """Sample one completion per prompt (repeat a prompt G times for a group), batched, KV cache, stop at EOS.
 
     With a `memory` network, each token comes from the DLC-calibrated distribution
     softmax(log pi(.|h) - mu * log m(.|h)) (see `dlc_calibrate`); entropy is always the plain policy's.
+    min_p: min-p sampling, applied last: tokens with q < min_p * max q are dropped and q renormalised.
     noise: a `GroupNoise` for these rows (training rollouts); otherwise the noise comes from `generator`.
     width: left-pad the prompts to at least this many tokens, so that micro-batches of one batch line up.
     """
     with eval_mode(model):  # in train mode, gradient checkpointing would switch the KV cache off
         return _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory,
-                       mu, min_p, stop_at_eos, noise, width)
+                       mu, dlc_min_p, min_p, stop_at_eos, noise, width)
 
 
-def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu, min_p,
-            stop_at_eos, noise, width) -> Rollouts:
+def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator, with_entropy, memory, mu, dlc_min_p,
+            min_p, stop_at_eos, noise, width) -> Rollouts:
     device = next(model.parameters()).device
     base, head, cache_kw = model.base_model, model.get_output_embeddings(), _cache_kwarg(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -378,7 +370,10 @@ def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator
     next_pos = pos[:, -1:]
     for t in range(max_new_tokens):
         logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # [B, V]
-        logq = logp if memory is None else dlc_calibrate(logp, memory(hidden), mu, min_p)  # the sampling distribution
+        logq = logp if memory is None else dlc_calibrate(logp, memory(hidden), mu, dlc_min_p)
+        if min_p > 0:  # logq is now exactly the distribution the token is drawn from (sample_logp below)
+            logq = torch.log_softmax(logq.masked_fill(logq < logq.max(-1, keepdim=True).values + math.log(min_p),
+                                                      -math.inf), dim=-1)
         uniform = noise(logq.shape[1]) if noise else torch.rand(logq.shape, generator=generator, device=device)
         gumbel = -torch.log(-torch.log(uniform))
         tok = (logq + gumbel).argmax(dim=-1)  # Gumbel-max: an exact sample from softmax(logq), cheaper than multinomial
@@ -729,7 +724,7 @@ def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries
     """Sample a group per query, verify, and turn rewards into advantages; no weight moves here."""
     device = next(policy.parameters()).device
     _, parts = parse_method(cfg.method)
-    G, T, B = cfg.group_size, cfg.temperature, len(queries) * cfg.group_size
+    G, T, B = cfg.group_size, cfg.rollout_temperature or cfg.temperature, len(queries) * cfg.group_size
     micro = micro_batch(cfg, policy, B)  # --micro-batch, or as many sequences as fit LOGIT_BUDGET (Part 3)
     spans = [(i, min(i + micro, B)) for i in range(0, B, micro)]
     chunk = micro_batch(cfg, policy, B, tokens=1)  # sampling holds one token's logits per sequence at a time
@@ -739,8 +734,8 @@ def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries
     prompts = [train_set.prompt_ids[q] for q in queries for _ in range(G)]
     width = max(len(p) for p in prompts)
     rollouts = cat_rollouts([sample(policy, tokenizer, prompts[i:j], cfg.max_new_tokens, T, mu=cfg.dlc_mu,
-                                    memory=memory if "dlc" in parts else None, min_p=cfg.dlc_min_p, width=width,
-                                    noise=GroupNoise(noise_seed, i, j - i, G, device))
+                                    memory=memory if "dlc" in parts else None, dlc_min_p=cfg.dlc_min_p, width=width,
+                                    min_p=cfg.rollout_min_p, noise=GroupNoise(noise_seed, i, j - i, G, device))
                              for i, j in [(i, min(i + chunk, B)) for i in range(0, B, chunk)]])
     mask = rollouts.completion_mask
     # 2. log-probs of what was sampled, at the sampling temperature (the distribution the samples came from).
@@ -786,7 +781,7 @@ def update_policy(cfg: Config, policy, opt, batch: Batch) -> dict:
                 logp, entropy = batch.graph
             else:
                 logp, entropy, _ = completion_logprobs(policy, batch.rollouts.rows(i, j), with_entropy=True,
-                                                       temperature=cfg.temperature)
+                                                       temperature=cfg.rollout_temperature or cfg.temperature)
             part_loss, metrics = ppo_clip_loss(
                 logp, batch.old_logp[i:j], batch.advantages[i:j], mask[i:j], clip_eps=cfg.clip_eps,
                 clip_eps_high=cfg.clip_eps_high if "cliphigher" in parts else None,
@@ -1356,6 +1351,8 @@ def validate_config(cfg: Config) -> None:
          f"--dlc-mu must be in [0, 2] (mu > 1 already samples against the policy's own ranking), got {cfg.dlc_mu}"),
         (0 <= cfg.dlc_min_p < 1, f"--dlc-min-p must be in [0, 1), got {cfg.dlc_min_p}"),
         (cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}"),
+        (cfg.rollout_temperature >= 0 and 0 <= cfg.rollout_min_p < 1,
+         "--rollout-temperature must be >= 0 (0: --temperature) and --rollout-min-p in [0, 1)"),
         (cfg.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}"),
         (0 < cfg.clip_eps < 1 and cfg.clip_eps_high > 0, "--clip-eps must be in (0, 1) and --clip-eps-high positive"),
         (cfg.ppo_epochs >= 1 and cfg.ws_steps >= 0 and cfg.ws_batch >= 1,
@@ -1364,7 +1361,8 @@ def validate_config(cfg: Config) -> None:
          "--iac-alpha, --kl-coef and --entropy-coef must be >= 0"),
         (cfg.mem_window >= 1 and cfg.mem_steps >= 1 and cfg.mem_width >= 1,
          "--mem-window, --mem-steps and --mem-width must be >= 1 (0 memory steps: DLC would be the plain policy)"),
-        (cfg.eval_split in ("val", "test"), f"--eval-split must be val or test, got {cfg.eval_split!r}"),
+        (cfg.eval_split in ("val", "test", "val,test"),
+         f"--eval-split must be val, test or val,test, got {cfg.eval_split!r}"),
         (cfg.micro_batch >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0 and cfg.threads >= 0,
          "--micro-batch, --eval-every, --save-every and --threads must be >= 0"),
         (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"),
@@ -1392,8 +1390,8 @@ def setup_run(cfg: Config) -> tuple[torch.device, Path]:
 
 
 def load_splits(cfg: Config, tokenizer) -> dict[str, TaskSet]:
-    """The training split and the held-out one (--eval-split), checked, with a warning for shared prompts."""
-    raw = {s: load_tasks(cfg.tasks, s) for s in ("train", cfg.eval_split)}
+    """The training split and the held-out one(s) (--eval-split), checked, with a warning for shared prompts."""
+    raw = {s: load_tasks(cfg.tasks, s) for s in ("train", *cfg.eval_split.split(","))}
     for line in check_overlap(raw):
         print(f"rlvr.py: warning: held-out query also in train.jsonl: {line}", file=sys.stderr)
     return {s: TaskSet.build(tasks, tokenizer) for s, tasks in raw.items()}
@@ -1408,8 +1406,21 @@ def check_fits(cfg: Config, model, splits: dict[str, TaskSet]) -> None:
                         "positions")
 
 
-# -- Reading the answer out of a completion: real models wrap it in words, markdown or \boxed{} --------------------
+# -- Reading answers: out of a completion (real models wrap it in words or \boxed{}), and +-* without eval() -------
 _BOXED, _LABEL = "\\boxed{", re.compile(r"^[A-Za-z][A-Za-z ]{0,24}:")
+
+
+def _eval_plus_minus_times(expr: str) -> int:
+    """Value of a +,-,* expression with the usual precedence; expr already matched _EXPR (no eval())."""
+    total, term, sign = 0, None, 1
+    for tok in re.findall(r"[0-9]+|[+\-*]", expr):
+        if tok == "*":
+            continue
+        if tok in "+-":
+            total, term, sign = total + sign * term, None, 1 if tok == "+" else -1
+        else:
+            term = int(tok) if term is None else term * int(tok)
+    return total + sign * term
 
 
 def extract_answer(completion: str) -> str:
@@ -1817,6 +1828,13 @@ def mean_ci(values: list[float]) -> dict:
     return {"mean": float(v.mean()), "ci95": float(half), "n": len(v)}
 
 
+def eval_records(run: dict) -> dict[int, dict]:
+    """A run's evaluations during training, {step: metrics per split}, read from its metrics.jsonl."""
+    path = Path(run["config"]["out"]) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {r["step"]: r["eval"] for r in map(json.loads, lines) if "eval" in r}
+
+
 def flat_metrics(m: dict) -> dict[str, float]:
     """One split's metrics with pass@k and exact pass@k spread into keys "pass@8", "exact_pass@8", ..."""
     flat = {k: v for k, v in m.items() if not isinstance(v, dict)}
@@ -1835,18 +1853,37 @@ def _run_one(job: tuple[dict, str]) -> str:
 
 
 def run_name(method: str, seed: int) -> str:
-    return f"{method.replace('+', '-')}-s{seed}"
+    return f"{method.replace('+', '-').replace('@', '_').replace('=', '')}-s{seed}"
+
+
+def variant_config(cfg: Config, variant: str) -> Config:
+    """A method with knobs set after '@': 'iac+dlc', 'grpo@rollout_temperature=1.5', 'iac+dlc@dlc_mu=1@mem_lr=0.01'."""
+    method, *settings = variant.split("@")
+    changes: dict[str, object] = {"method": method}
+    for setting in settings:
+        name, _, value = setting.replace("-", "_").partition("=")
+        if name not in Config.__dataclass_fields__ or name in ("method", "seed", "out") or not value:
+            raise UserError(f"{variant!r}: '@{setting}' is not knob=value with a Config knob (e.g. dlc_mu=1.5)")
+        kind = type(getattr(cfg, name))
+        try:
+            if kind is bool and value.lower() not in ("true", "false"):
+                raise ValueError
+            changes[name] = value.lower() == "true" if kind is bool else kind(value)
+        except ValueError:
+            raise UserError(f"{variant!r}: {value!r} is not a valid {name}") from None
+    return dataclasses.replace(cfg, **changes)
 
 
 def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) -> dict:
-    """Run every (method, seed) not already finished into cfg.out/runs/, then aggregate and plot."""
+    """Run every (method, seed) not already finished into cfg.out/runs/, then aggregate and plot.
+    A method may set knobs after '@' (`variant_config`): one dial setting of a frontier."""
     for m in methods:
-        validate_config(dataclasses.replace(cfg, method=m))
+        validate_config(variant_config(cfg, m))
     out = Path(cfg.out)
     t0 = time.perf_counter()
     threads = cfg.threads or max(1, min(4, (os.cpu_count() or 1) // jobs))
-    cfgs = {(m, s): dataclasses.replace(cfg, method=m, seed=s, threads=threads, out=str(out / "runs" / run_name(m, s)))
-            for s in seeds for m in methods}
+    cfgs = {(m, s): dataclasses.replace(variant_config(cfg, m), seed=s, threads=threads,
+                                        out=str(out / "runs" / run_name(m, s))) for s in seeds for m in methods}
     todo = [c for c in cfgs.values() if not (Path(c.out) / "summary.json").exists()]  # resumable
     print(f"compare: {len(cfgs)} runs, {len(cfgs) - len(todo)} already finished, {jobs} parallel job(s)")
     base_seeds = sorted({warmstart_seed(dataclasses.replace(cfg, seed=s)) for s in seeds})
@@ -1892,6 +1929,8 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
         results["summary"][m]["budget"] = {k: mean_ci([runs[run_name(m, s)]["budget"][k] for s in seeds])
                                            for k in ("rollouts", "generated_tokens")}
         results["summary"][m]["rl_s"] = mean_ci([runs[run_name(m, s)]["timing"]["rl_s"] for s in seeds])
+    if splits[1:] == ["val", "test"]:  # the paper keeps its peak checkpoint: ours is chosen on val, reported on test
+        results["chosen"] = chosen_checkpoints(results)
     write_json(out / "results.json", results)
     (out / "results.md").write_text(compare_report(results))
     plot_results(results, out)
@@ -1900,6 +1939,8 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
 
 TABLE_COLUMNS = ("exact_pass@1", "exact_pass@n", "exact_coverage", "pass@1", "pass@8", "pass@n", "coverage",
                  "oversharpened", "noncanonical", "entropy")  # n: the number of samples per query
+# the paper's AVG@8 and PASS@8 (8 samples) estimate our pass@1 and pass@8, which come from n samples: less noise
+HEADERS = {"pass@1": "pass@1 = AVG@8", "pass@8": "pass@8 = PASS@8"}
 
 
 def results_table(rows: dict[str, dict], splits: list[str], sign: str = "") -> str:
@@ -1911,11 +1952,30 @@ def results_table(rows: dict[str, dict], splits: list[str], sign: str = "") -> s
         table = {name: flat_metrics(row[split]) if "pass@k" in row[split] else row[split] for name, row in rows.items()}
         n = max(int(k[len("pass@"):]) for k in next(iter(table.values())) if k.startswith("pass@"))
         columns = list(dict.fromkeys(c.replace("@n", f"@{n}") for c in TABLE_COLUMNS))  # without pass@8 twice at n 8
-        lines += [f"**{split}**", "", "| method | " + " | ".join(columns) + " |", "|---" * len(columns) + "|---|"]
+        lines += [f"**{split}**", "", "| method | " + " | ".join(HEADERS.get(c, c) for c in columns) + " |",
+                  "|---" * len(columns) + "|---|"]
         lines += [f"| {name} | " + " | ".join(cell(values[c]) if c in values else "-" for c in columns) + " |"
                   for name, values in table.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+CHOOSE_BY = "exact_pass@8"  # the paper's headline metric (PASS@8), measured on val
+
+
+def chosen_checkpoints(results: dict) -> dict:
+    """Per method: the test metrics of each run at its evaluation with the highest val CHOOSE_BY (steps >= 1, so the
+    base is never chosen), and the chosen steps; mean and 95% CI over seeds."""
+    chosen = {}
+    for m in results["methods"]:
+        picks = []
+        for s in results["seeds"]:
+            records = eval_records(results["runs"][run_name(m, s)])
+            step = max(records, key=lambda k: (flat_metrics(records[k]["val"])[CHOOSE_BY], -k))  # ties: earlier
+            picks.append((step, flat_metrics(records[step]["test"])))
+        chosen[m] = {"test": {k: mean_ci([p[1][k] for p in picks]) for k in picks[0][1]},
+                     "step": mean_ci([p[0] for p in picks]), "steps": [p[0] for p in picks]}
+    return chosen
 
 
 def compare_report(results: dict) -> str:
@@ -1926,6 +1986,10 @@ def compare_report(results: dict) -> str:
     if results["paired"]:
         text += (f"\n*Difference to {results['paired_vs']}, paired by seed (same base and seed)*\n\n"
                  + results_table(results["paired"], splits, sign="+"))
+    if "chosen" in results:
+        text += (f"\n*At the checkpoint chosen on val (highest val {CHOOSE_BY}); chosen steps per seed: "
+                 + "; ".join(f"{m} {c['steps']}" for m, c in results["chosen"].items()) + "*\n\n"
+                 + results_table(results["chosen"], ["test"]))
     return text
 
 
@@ -1963,12 +2027,10 @@ def plot_results(results: dict, out: Path) -> None:
     def point(ev):
         return ev["train"]["exact_pass@k"]["1"], ev[held]["exact_coverage"], ev[held]["exact_pass@k"]["1"]
 
-    for run in results["runs"].values():
-        path = Path(run["config"]["out"]) / "metrics.jsonl"
-        if path.exists():
-            records = {r["step"]: r["eval"] for r in map(json.loads, path.read_text().splitlines()) if "eval" in r}
-            for step, ev in ({0: run["base"]} | records).items():  # every curve starts at the base
-                curves.setdefault(run["config"]["method"], {}).setdefault(step, []).append(point(ev))
+    for method, seed in itertools.product(results["methods"], results["seeds"]):
+        run = results["runs"][run_name(method, seed)]
+        for step, ev in ({0: run["base"]} | eval_records(run)).items():  # every curve starts at the base
+            curves.setdefault(method, {}).setdefault(step, []).append(point(ev))
     fig, axes = plt.subplots(1, 4, figsize=(19, 3.8))
     base = point({split: {"exact_pass@k": {"1": m["exact_pass@1"]["mean"]},
                           "exact_coverage": m["exact_coverage"]["mean"]} for split, m in summary["base"].items()})
@@ -1978,6 +2040,9 @@ def plot_results(results: dict, out: Path) -> None:
         for ax, (x, y) in zip(axes, ((steps, avg[:, 0]), (steps, avg[:, 1]), (avg[:, 0], avg[:, 1]),
                                      (avg[:, 0], avg[:, 2]))):
             ax.plot(x, y, marker="o", ms=3, label=method, **style[method])
+        for ax, column in zip(axes[:2], (0, 1)):  # 95% CI over seeds around the curves over steps
+            ci = np.array([mean_ci([p[column] for p in by_step[s]])["ci95"] for s in steps])
+            ax.fill_between(steps, avg[:, column] - ci, avg[:, column] + ci, alpha=0.15, color=style[method]["color"])
     axes[0].axhline(base[0], color="k", ls="--", lw=1, label="base")
     axes[1].axhline(base[1], color="k", ls="--", lw=1)
     axes[2].plot([base[0]], [base[1]], "k*", ms=10)
@@ -1992,6 +2057,142 @@ def plot_results(results: dict, out: Path) -> None:
     fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.92, 1))
     fig.savefig(out / "training.png", dpi=80)
+    plt.close(fig)
+
+# -- Frontiers: every method's accuracy-diversity dial swept, curves compared at matched accuracy ------------------
+# family: (method, the knob it sweeps, values). The grid is run on the validation split; FRONTIER keeps the values
+# chosen there before the test run (toy_tasks/results/README.md#frontiers). "grpo+T": GRPO, hotter rollouts only.
+FRONTIER_GRID = {
+    "grpo+T": ("grpo", "rollout_temperature", (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)),
+    "grpo+T+minp": ("grpo@rollout_min_p=0.05", "rollout_temperature", (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
+    "iac+T": ("iac", "rollout_temperature", (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)),
+    "iac+T+minp": ("iac@rollout_min_p=0.05", "rollout_temperature", (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
+    "iac+dlc": ("iac+dlc", "dlc_mu", (0.25, 0.5, 1.0, 1.5, 2.0)),
+    "dlc": ("dlc", "dlc_mu", (0.25, 0.5, 1.0, 1.5, 2.0)),
+    "entropy": ("grpo+entropy", "entropy_coef", (0.001, 0.003, 0.01, 0.03, 0.1)),
+    "kl": ("grpo+kl", "kl_coef", (0.01, 0.04, 0.1, 0.3, 1.0)),
+    "wreinforce": ("wreinforce", "wreinforce_weight", (0.03, 0.1, 0.3, 0.5, 1.0)),
+    "passk": ("passk", "passk_k", (2, 3, 4, 6, 8)),
+}
+FRONTIER = FRONTIER_GRID
+REFERENCE = "iac+dlc"  # the paper's method: every other curve is compared with it
+AXES = (("train", "exact_pass@1"), ("held", "exact_pass@1"))  # matched accuracy: on train, or held out
+HEIGHTS = ("exact_coverage", "exact_pass@n")  # held-out diversity
+
+
+def frontier_variants(families: dict) -> dict[str, list[str]]:
+    return {f: [f"{method}@{dial}={v}" for v in values] for f, (method, dial, values) in families.items()}
+
+
+def matched_gap(x: list[float], y: list[float], curve_x: list[float], curve_y: list[float]) -> list[float | None]:
+    """How far each point (x, y) lies above a curve at the same x: y - the curve linearly interpolated between its
+    points (sorted by x); None where x is outside the curve's range (no extrapolation)."""
+    order = np.argsort(curve_x)
+    cx, cy = np.asarray(curve_x, dtype=float)[order], np.asarray(curve_y, dtype=float)[order]
+    return [float(yi - np.interp(xi, cx, cy)) if cx[0] <= xi <= cx[-1] else None for xi, yi in zip(x, y)]
+
+
+def frontier_points(results: dict, variants: dict[str, list[str]]) -> dict[str, dict]:
+    """{family: {"split/metric": [per seed, the value at each dial setting]}} for every axis and height; plus GRPO's
+    own training trajectory (the base, then its evaluations every --eval-every steps) as the family "grpo steps"."""
+    held, n = list(results["summary"]["base"])[-1], results["config"]["eval_n"]
+    value = lambda ev, key: flat_metrics(ev[key[0].replace("held", held)])[key[1].replace("@n", f"@{n}")]  # noqa
+    run = lambda name, s: results["runs"][run_name(name, s)]  # noqa: E731
+    curves = {family: lambda s, names=names: [run(v, s)["final"] for v in names] for family, names in variants.items()}
+    plain = next((v for v in variants.get("grpo+T", []) if v.endswith("=1.0")), None)
+    if plain:
+        curves["grpo steps"] = lambda s: [ev for _, ev in sorted(({0: run(plain, s)["base"]}
+                                                                 | eval_records(run(plain, s))).items())]
+    keys = AXES + tuple(("held", h) for h in HEIGHTS)
+    return {family: {"/".join(key): [[value(ev, key) for ev in evals(s)] for s in results["seeds"]] for key in keys}
+            for family, evals in curves.items()}
+
+
+def frontier_gaps(points: dict[str, dict]) -> dict:
+    """IAC+DLC's height above each other curve at matched accuracy, paired by seed, per IAC+DLC setting:
+    {family: {axis: {height: [mean_ci over the seeds where that setting's x lies inside the curve's range]}}}."""
+    ref, gaps = points[REFERENCE], {}
+    for family, pts in points.items():
+        if family == REFERENCE:
+            continue
+        for axis in ("/".join(a) for a in AXES):
+            for height in ("held/" + h for h in HEIGHTS):
+                per_setting = list(zip(*[matched_gap(ref[axis][s], ref[height][s], pts[axis][s], pts[height][s])
+                                         for s in range(len(ref[axis]))]))
+                gaps.setdefault(family, {}).setdefault(axis, {})[height] = [
+                    mean_ci([g for g in seeds if g is not None]) if any(g is not None for g in seeds) else None
+                    for seeds in per_setting]
+    return gaps
+
+
+def frontier(cfg: Config, seeds: list[int], jobs: int = 1, families: dict | None = None) -> dict:
+    """Run every family's dial settings (`compare`, resumable), then frontier.md and frontier.png."""
+    variants = frontier_variants(FRONTIER if families is None else families)
+    results = compare(cfg, [v for names in variants.values() for v in names], seeds, jobs)
+    points = frontier_points(results, variants)
+    report = {"families": FRONTIER if families is None else families, "variants": variants, "points": points,
+              "gaps": frontier_gaps(points) if REFERENCE in points else {}, "seeds": seeds,
+              "held": list(results["summary"]["base"])[-1], "wall_s": results["wall_s"]}
+    write_json(Path(cfg.out) / "frontier.json", report)
+    (Path(cfg.out) / "frontier.md").write_text(frontier_report(report, results))
+    plot_frontier(report, results, Path(cfg.out))
+    return report
+
+
+def frontier_report(report: dict, results: dict) -> str:
+    """frontier.md: every point (mean +- 95% CI over seeds), then IAC+DLC's height above each curve."""
+    held, n = report["held"], results["config"]["eval_n"]
+    cell = lambda v: "-" if v is None else f"{v['mean']:+.3f} +- {v['ci95']:.3f} ({v['n']})"  # noqa: E731
+    text = (f"Frontiers on {held}: mean +- 95% CI over seeds {report['seeds']}; exact metrics.\n\n"
+            f"| family | setting | train pass@1 | {held} pass@1 | {held} coverage | {held} pass@{n} |\n"
+            "|---|---|---|---|---|---|\n")
+    for family, names in report["variants"].items():
+        for name in names:
+            m = results["summary"][name]
+            row = [m["train"]["exact_pass@1"]] + [m[held][k] for k in ("exact_pass@1", "exact_coverage",
+                                                                        f"exact_pass@{n}")]
+            text += f"| {family} | {name.split('@')[-1]} | " + " | ".join(
+                f"{v['mean']:.3f} +- {v['ci95']:.3f}" for v in row) + " |\n"
+    settings = [name.split("@")[-1] for name in report["variants"].get(REFERENCE, [])]
+    for axis in ("/".join(a) for a in AXES):
+        for height in ("held/" + h for h in HEIGHTS):
+            text += (f"\n*{REFERENCE} minus each curve, at the same {axis.replace('held', held)} (interpolated, "
+                     f"paired by seed; (k): seeds inside the curve's range): {height.replace('held', held)}*\n\n"
+                     f"| curve | " + " | ".join(settings) + " |\n" + "|---" * (len(settings) + 1) + "|\n")
+            text += "".join(f"| {family} | " + " | ".join(map(cell, by_axis[axis][height])) + " |\n"
+                            for family, by_axis in report["gaps"].items())
+    return text
+
+
+def plot_frontier(report: dict, results: dict, out: Path) -> None:
+    """frontier.png: held-out coverage and pass@n against train and held-out pass@1, a curve per family with 95% CI
+    bars over seeds, the base as a star, GRPO's training trajectory dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no figures (pip install matplotlib)")
+        return
+    held, n, base = report["held"], results["config"]["eval_n"], results["summary"]["base"]
+    fig, axes = plt.subplots(len(HEIGHTS), len(AXES), figsize=(6 * len(AXES), 4.5 * len(HEIGHTS)), squeeze=False)
+    colors = dict(zip(report["points"], itertools.cycle(plt.cm.tab10.colors + plt.cm.Dark2.colors)))
+    for (r, height), (c, axis) in itertools.product(enumerate(HEIGHTS), enumerate(AXES)):
+        ax, xkey, ykey = axes[r][c], "/".join(axis), "held/" + height
+        for family, pts in report["points"].items():
+            xs, ys = np.array(pts[xkey]), np.array(pts[ykey])  # [seeds, settings]
+            ci = lambda a: [mean_ci(col)["ci95"] for col in a.T]  # noqa: E731
+            ax.errorbar(xs.mean(0), ys.mean(0), xerr=ci(xs), yerr=ci(ys), marker="o", ms=4, capsize=2,
+                        label=family, color=colors[family], ls="--" if family == "grpo steps" else "-",
+                        lw=2.6 if family == REFERENCE else 1.2)
+        split = "train" if axis[0] == "train" else held
+        ax.plot([base[split]["exact_pass@1"]["mean"]], [base[held][height.replace("@n", f"@{n}")]["mean"]], "k*",
+                ms=12, label="base")
+        ax.set(xlabel=f"{split} pass@1 (exact)", ylabel=f"{held} {height.replace('@n', f'@{n}')}".replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=80)
     plt.close(fig)
 
 # -- Benchmark: sampler and DLC cost, RL step time (measured side by side in one process) --------------------------
@@ -2039,8 +2240,8 @@ def bench(cfg: Config, repeats: int = 15, scaling: bool = True) -> dict:
         step("iac+dlc", queries)
 
     def ours(mem=None, prompts=prompts, T=cfg.max_new_tokens, stop=True):
-        r = sample(policy, tokenizer, prompts, T, cfg.temperature, gen, memory=mem, mu=cfg.dlc_mu, min_p=cfg.dlc_min_p,
-                   stop_at_eos=stop)
+        r = sample(policy, tokenizer, prompts, T, cfg.temperature, gen, memory=mem, mu=cfg.dlc_mu,
+                   dlc_min_p=cfg.dlc_min_p, stop_at_eos=stop)
         sync()
         return int(r.completion_mask.sum()) if stop else r.completion_ids.numel()
 
@@ -2258,17 +2459,20 @@ def demo(cfg: Config) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv and not argv[0].startswith("-") else "demo"
-    if cmd not in ("demo", "train", "compare", "explain", "bench"):
-        sys.exit(f"rlvr.py: unknown command {cmd!r} (use train, compare, explain, bench, or no command for the demo)")
+    if cmd not in ("demo", "train", "compare", "frontier", "explain", "bench"):
+        sys.exit(f"rlvr.py: unknown command {cmd!r} (train, compare, frontier, explain, bench, or none for the demo)")
     p = config_parser("" if cmd == "demo" else cmd)
     p.set_defaults(out=f"runs/{cmd}")
     if cmd == "train":
         p.add_argument("--resume", metavar="DIR",
                        help="continue the interrupted run in DIR with its saved config (other flags are ignored)")
-    elif cmd == "compare":
-        p.add_argument("--methods", default="grpo,iac,dlc,iac+dlc",
-                       help="comma-separated methods, all from the same base per seed")
-        p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    elif cmd in ("compare", "frontier"):
+        if cmd == "compare":
+            p.add_argument("--methods", default="grpo,iac,dlc,iac+dlc",
+                           help="comma-separated methods, same base per seed (knobs after @: grpo@lr=1e-4)")
+        else:
+            p.add_argument("--grid", action="store_true", help="the wider validation grid (needs --eval-split val)")
+        p.add_argument("--seeds", default="0,1,2" if cmd == "compare" else "0,1,2,3,4", help="comma-separated seeds")
         p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                        help="runs in parallel (each gets cores/jobs threads)")
     elif cmd == "explain":
@@ -2293,6 +2497,12 @@ def main(argv: list[str] | None = None) -> None:
         results = compare(cfg, args.methods.split(","), [int(x) for x in args.seeds.split(",")], args.jobs)
         print(compare_report(results))
         print(f"compare finished in {results['wall_s']:.0f}s; results in {cfg.out}/results.json, results.md, *.png")
+    elif cmd == "frontier":
+        if args.grid and cfg.eval_split != "val":
+            raise UserError("--grid chooses the sweep values: run it with --eval-split val, never on test")
+        report = frontier(cfg, [int(x) for x in args.seeds.split(",")], args.jobs, FRONTIER_GRID if args.grid else None)
+        print((Path(cfg.out) / "frontier.md").read_text())
+        print(f"frontier finished in {report['wall_s']:.0f}s; {cfg.out}/frontier.md, frontier.png, results.md")
     elif cmd == "explain":
         explain(cfg, Path(args.runs), args.lesson)
     elif args.gpu_check:

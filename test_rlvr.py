@@ -505,7 +505,7 @@ def test_dlc_with_an_untrained_memory_samples_exactly_the_plain_policy(tokenizer
     prompts = [p for p in train.prompt_ids for _ in range(16)]
     plain = rlvr.sample(model, tokenizer, prompts, 8, generator=torch.Generator().manual_seed(5))
     dlc = rlvr.sample(model, tokenizer, prompts, 8, generator=torch.Generator().manual_seed(5), memory=memory, mu=1.5,
-                      min_p=min_p)
+                      dlc_min_p=min_p)
     assert plain.texts == dlc.texts and torch.equal(plain.sample_logp, dlc.sample_logp)
 
 
@@ -1192,6 +1192,90 @@ def test_compare_writes_results_and_resumes(tmp_path, task_dir, capsys):
     assert "4 runs, 4 already finished" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == stamps  # nothing was redone
     assert again["summary"] == results["summary"] and again["runs_done_now"] == 0 and again["wall_s"] == results["wall_s"]
+
+
+# ---------------------------------------------------------------- exploration knobs and frontiers
+def test_min_p_sampling_draws_only_plausible_tokens_from_the_renormalised_distribution(tokenizer, warm_model):
+    model, train = warm_model
+    prompts = [train.prompt_ids[0]] * 400
+    r = rlvr.sample(model, tokenizer, prompts, 1, temperature=2.0, generator=torch.Generator().manual_seed(1),
+                    min_p=0.2, stop_at_eos=False)
+    with torch.no_grad():
+        logits = model(torch.tensor([train.prompt_ids[0]])).logits[0, -1]
+    logp = torch.log_softmax(logits / 2.0, -1)
+    keep = logp >= logp.max() + math.log(0.2)
+    tokens = r.completion_ids[:, 0]
+    assert keep[tokens].all() and 1 < len(set(tokens.tolist())) <= int(keep.sum()) < len(logp)
+    expected = logp[tokens] - torch.logsumexp(logp[keep], 0)  # the truncated, renormalised q
+    assert torch.allclose(r.sample_logp[:, 0], expected, atol=1e-5)
+
+
+def test_rollout_temperature_and_min_p_act_on_training_rollouts_only(tmp_path, task_dir, monkeypatch):
+    real_sample, real_logprobs, calls, loss_T = rlvr.sample, rlvr.completion_logprobs, [], []
+    monkeypatch.setattr(rlvr, "sample", lambda *a, **kw: calls.append((a[4], kw.get("min_p", 0.0), kw.get("noise")))
+                        or real_sample(*a, **kw))
+    monkeypatch.setattr(rlvr, "completion_logprobs", lambda *a, **kw: loss_T.append(kw.get("temperature", 1.0))
+                        or real_logprobs(*a, **kw))
+    rlvr.train(tiny_cfg(tmp_path, task_dir, steps=2, eval_every=0, temperature=0.9, rollout_temperature=1.7,
+                        rollout_min_p=0.1, method="grpo+kl"))
+    rollouts = {(T, p) for T, p, noise in calls if noise is not None}
+    evals = {(T, p) for T, p, noise in calls if noise is None}
+    assert rollouts == {(1.7, 0.1)} and evals == {(0.9, 0.0)}
+    assert {T for T in loss_T if T != 1.0} == {1.7, 0.9}  # the loss and KL at 1.7; exact metrics at 0.9 (and 1)
+
+
+def test_variant_config_sets_knobs_and_refuses_bad_ones():
+    cfg = rlvr.Config()
+    v = rlvr.variant_config(cfg, "iac+dlc@dlc_mu=1.5@rollout-min-p=0.1@passk_k=3@iac_renorm=true")
+    assert (v.method, v.dlc_mu, v.rollout_min_p, v.passk_k, v.iac_renorm) == ("iac+dlc", 1.5, 0.1, 3, True)
+    assert rlvr.variant_config(cfg, "grpo") == dataclasses.replace(cfg, method="grpo")
+    assert rlvr.run_name("grpo@rollout_temperature=1.5", 2) == "grpo_rollout_temperature1.5-s2"
+    for bad in ("grpo@nope=1", "grpo@dlc_mu", "grpo@dlc_mu=high", "grpo@seed=3", "grpo@iac_renorm=yes"):
+        with pytest.raises(rlvr.UserError, match="grpo@"):
+            rlvr.variant_config(cfg, bad)
+
+
+def test_matched_gap_hand_computed():
+    # curve through (0.2, 0.5), (0.4, 0.3), (0.8, 0.1), given out of order; points at x 0.3, 0.6, 0.9 (outside)
+    gaps = rlvr.matched_gap([0.3, 0.6, 0.9, 0.2], [0.5, 0.3, 0.9, 0.5], [0.8, 0.2, 0.4], [0.1, 0.5, 0.3])
+    assert gaps[0] == pytest.approx(0.1) and gaps[1] == pytest.approx(0.1) and gaps[2] is None
+    assert gaps[3] == pytest.approx(0.0)
+
+
+def test_frontier_curves_gaps_and_the_validation_chosen_checkpoint(tmp_path, task_dir):
+    families = {"grpo+T": ("grpo", "rollout_temperature", (1.0, 2.0)), "iac+dlc": ("iac+dlc", "dlc_mu", (0.5, 1.0))}
+    cfg = tiny_cfg(tmp_path, task_dir, out=str(tmp_path / "fr"), steps=2, eval_every=1, eval_split="val,test")
+    report = rlvr.frontier(cfg, [0, 1], jobs=1, families=families)
+    results = json.loads((tmp_path / "fr" / "results.json").read_text())
+    run = lambda name, s: results["runs"][rlvr.run_name(name, s)]  # noqa: E731
+    pts = report["points"]
+    assert set(pts) == {"grpo+T", "iac+dlc", "grpo steps"} and report["held"] == "test"
+    for s in (0, 1):  # every point is that run's final metric; the trajectory is the T = 1 run's evaluations
+        assert pts["grpo+T"]["train/exact_pass@1"][s][1] == run("grpo@rollout_temperature=2.0", s)["final"]["train"][
+            "exact_pass@k"]["1"]
+        assert pts["iac+dlc"]["held/exact_coverage"][s][0] == run("iac+dlc@dlc_mu=0.5", s)["final"]["test"][
+            "exact_coverage"]
+        records = rlvr.eval_records(run("grpo@rollout_temperature=1.0", s))
+        assert pts["grpo steps"]["held/exact_pass@n"][s] == [records[k]["test"]["exact_pass@k"]["8"] for k in (1, 2)]
+    gap = report["gaps"]["grpo+T"]["train/exact_pass@1"]["held/exact_coverage"]
+    by_seed = [rlvr.matched_gap(pts["iac+dlc"]["train/exact_pass@1"][s], pts["iac+dlc"]["held/exact_coverage"][s],
+                                pts["grpo+T"]["train/exact_pass@1"][s], pts["grpo+T"]["held/exact_coverage"][s])
+               for s in (0, 1)]
+    for i, g in enumerate(gap):
+        inside = [b[i] for b in by_seed if b[i] is not None]
+        assert (g is None) if not inside else g["mean"] == pytest.approx(np.mean(inside))
+    text = (tmp_path / "fr" / "frontier.md").read_text()
+    assert "| grpo+T | rollout_temperature=2.0 |" in text and "iac+dlc minus each curve" in text
+    # the validation-chosen checkpoint: each run's evaluation with the highest val exact pass@8, reported on test
+    chosen = results["chosen"]["iac+dlc@dlc_mu=1.0"]
+    picks = []
+    for s in (0, 1):
+        records = rlvr.eval_records(run("iac+dlc@dlc_mu=1.0", s))
+        best = max(records, key=lambda k: (records[k]["val"]["exact_pass@k"]["8"], -k))
+        picks.append(records[best]["test"]["exact_coverage"])
+        assert chosen["steps"][s] == best
+    assert chosen["test"]["exact_coverage"]["mean"] == pytest.approx(np.mean(picks))
+    assert "chosen on val" in (tmp_path / "fr" / "results.md").read_text()
 
 
 # ---------------------------------------------------------------- real models: loading, bounded memory, progress
