@@ -46,6 +46,7 @@ Run
   python rlvr.py                                   # the demo: warm-start, GRPO vs IAC+DLC, table
   python rlvr.py train --method iac+dlc --seed 1 --out runs/iac-dlc-s1   # any method, any knob (-h)
   python rlvr.py compare --methods grpo,iac,dlc,iac+dlc --seeds 0,1,2,3,4 --out runs/compare
+  python rlvr.py frontier --out runs/frontier      # every method's dial swept: accuracy-diversity curves
   python rlvr.py explain                           # sampling bias and semantic coupling, in seconds
   python rlvr.py bench --out runs/bench            # speed: sampler, DLC cost, RL step, scaling
   python toy_tasks/make_tasks.py                   # regenerate the committed task files
@@ -134,7 +135,7 @@ class Config:
     temperature: float = knob(1.0, "sampling temperature for rollouts and evaluation (the loss uses it too)")
     # the exploration knobs a user tries first; evaluation always samples the policy at --temperature, untruncated
     rollout_temperature: float = knob(0.0, "training rollouts' temperature, and the loss's (0: --temperature)")
-    rollout_min_p: float = knob(0.0, "training rollouts drop tokens with q < min_p * max q (0: keep all)")
+    rollout_min_p: float = knob(0.0, "training rollouts drop tokens with p < min_p * max p, p at temperature 1")
     max_new_tokens: int = knob(8, "longest completion, EOS included")
     # the paper's calibrations (used when --method names them)
     iac_alpha: float = knob(1.0, "IAC exponent: successes' advantages x (G - #correct)^alpha")  # the paper's 1
@@ -332,7 +333,8 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
 
     With a `memory` network, each token comes from the DLC-calibrated distribution
     softmax(log pi(.|h) - mu * log m(.|h)) (see `dlc_calibrate`); entropy is always the plain policy's.
-    min_p: min-p sampling, applied last: tokens with q < min_p * max q are dropped and q renormalised.
+    min_p: min-p sampling with the temperature last: tokens whose untempered probability is below min_p times the
+    largest are dropped and q renormalised, so a hot sampler stays among the tokens the model finds plausible.
     noise: a `GroupNoise` for these rows (training rollouts); otherwise the noise comes from `generator`.
     width: left-pad the prompts to at least this many tokens, so that micro-batches of one batch line up.
     """
@@ -369,11 +371,12 @@ def _decode(model, tokenizer, prompt_ids, max_new_tokens, temperature, generator
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = pos[:, -1:]
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # [B, V]
+        logits = head(hidden).float()
+        logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, V]
         logq = logp if memory is None else dlc_calibrate(logp, memory(hidden), mu, dlc_min_p)
-        if min_p > 0:  # logq is now exactly the distribution the token is drawn from (sample_logp below)
-            logq = torch.log_softmax(logq.masked_fill(logq < logq.max(-1, keepdim=True).values + math.log(min_p),
-                                                      -math.inf), dim=-1)
+        if min_p > 0:  # logq is then exactly the distribution the token is drawn from (sample_logp below)
+            implausible = logits < logits.max(-1, keepdim=True).values + math.log(min_p)
+            logq = torch.log_softmax(logq.masked_fill(implausible, -math.inf), dim=-1)
         uniform = noise(logq.shape[1]) if noise else torch.rand(logq.shape, generator=generator, device=device)
         gumbel = -torch.log(-torch.log(uniform))
         tok = (logq + gumbel).argmax(dim=-1)  # Gumbel-max: an exact sample from softmax(logq), cheaper than multinomial
@@ -1856,14 +1859,22 @@ def run_name(method: str, seed: int) -> str:
     return f"{method.replace('+', '-').replace('@', '_').replace('=', '')}-s{seed}"
 
 
+# what every run of a comparison shares: its base, its evaluation, where it runs
+SHARED_KNOBS = {"method", "seed", "out", "threads", "device", "tasks", "model", "cache_dir", "base_seed", "n_embd",
+                "n_layer", "n_head", "ws_steps", "ws_batch", "ws_lr", "eval_n", "eval_split"}
+
+
 def variant_config(cfg: Config, variant: str) -> Config:
     """A method with knobs set after '@': 'iac+dlc', 'grpo@rollout_temperature=1.5', 'iac+dlc@dlc_mu=1@mem_lr=0.01'."""
     method, *settings = variant.split("@")
     changes: dict[str, object] = {"method": method}
     for setting in settings:
-        name, _, value = setting.replace("-", "_").partition("=")
-        if name not in Config.__dataclass_fields__ or name in ("method", "seed", "out") or not value:
+        name, _, value = setting.partition("=")
+        name = name.replace("-", "_")
+        if name not in Config.__dataclass_fields__ or not value:
             raise UserError(f"{variant!r}: '@{setting}' is not knob=value with a Config knob (e.g. dlc_mu=1.5)")
+        if name in SHARED_KNOBS:
+            raise UserError(f"{variant!r}: {name} is shared by every run of a comparison: set it with --{name}")
         kind = type(getattr(cfg, name))
         try:
             if kind is bool and value.lower() not in ("true", "false"):
@@ -1884,7 +1895,16 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
     threads = cfg.threads or max(1, min(4, (os.cpu_count() or 1) // jobs))
     cfgs = {(m, s): dataclasses.replace(variant_config(cfg, m), seed=s, threads=threads,
                                         out=str(out / "runs" / run_name(m, s))) for s in seeds for m in methods}
+    if len({run_name(m, 0) for m in methods}) < len(methods):
+        raise UserError("two --methods share a run folder name: spell each variant differently")
     todo = [c for c in cfgs.values() if not (Path(c.out) / "summary.json").exists()]  # resumable
+    for c in [c for c in cfgs.values() if c not in todo]:  # a finished run is reused only with the same settings
+        saved = json.loads((Path(c.out) / "summary.json").read_text()).get("config", {})  # a knob added later: off
+        differ = [k for k, v in dataclasses.asdict(c).items()
+                  if k not in ("out", "threads", "cache_dir", "tasks") and saved.get(k, getattr(Config, k)) != v]
+        if differ:
+            raise UserError(f"{c.out} ran with other settings ({differ[0]}={saved.get(differ[0])!r}, not "
+                            f"{getattr(c, differ[0])!r}): compare into a new --out")
     print(f"compare: {len(cfgs)} runs, {len(cfgs) - len(todo)} already finished, {jobs} parallel job(s)")
     base_seeds = sorted({warmstart_seed(dataclasses.replace(cfg, seed=s)) for s in seeds})
     bases = [(dataclasses.asdict(dataclasses.replace(cfg, seed=s, base_seed=s, threads=threads)), "base")
@@ -1901,6 +1921,8 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
         for job in bases + work:
             _run_one(job)
     runs = {run_name(m, s): json.loads((Path(c.out) / "summary.json").read_text()) for (m, s), c in cfgs.items()}
+    for (m, s), c in cfgs.items():  # where the run is now (its metrics.jsonl), wherever the folder was first made
+        runs[run_name(m, s)]["config"]["out"] = c.out
     results = {"methods": methods, "seeds": seeds, "config": dataclasses.asdict(cfg), "runs": runs, "summary": {},
                "wall_s": round(time.perf_counter() - t0, 1), "runs_done_now": len(todo)}
     if not todo and (out / "results.json").exists():  # nothing ran: keep the wall time of the invocation that did
@@ -1960,18 +1982,18 @@ def results_table(rows: dict[str, dict], splits: list[str], sign: str = "") -> s
     return "\n".join(lines)
 
 
-CHOOSE_BY = "exact_pass@8"  # the paper's headline metric (PASS@8), measured on val
+CHOOSE_BY = 8  # exact pass@8 (the paper's headline PASS@8, or pass@n if --eval-n is below 8), measured on val
 
 
 def chosen_checkpoints(results: dict) -> dict:
-    """Per method: the test metrics of each run at its evaluation with the highest val CHOOSE_BY (steps >= 1, so the
+    """Per method: the test metrics of each run at its evaluation with the highest val exact pass@8 (steps >= 1, so the
     base is never chosen), and the chosen steps; mean and 95% CI over seeds."""
-    chosen = {}
+    chosen, key = {}, f"exact_pass@{min(CHOOSE_BY, results['config']['eval_n'])}"
     for m in results["methods"]:
         picks = []
         for s in results["seeds"]:
             records = eval_records(results["runs"][run_name(m, s)])
-            step = max(records, key=lambda k: (flat_metrics(records[k]["val"])[CHOOSE_BY], -k))  # ties: earlier
+            step = max(records, key=lambda k: (flat_metrics(records[k]["val"])[key], -k))  # ties: the earlier
             picks.append((step, flat_metrics(records[step]["test"])))
         chosen[m] = {"test": {k: mean_ci([p[1][k] for p in picks]) for k in picks[0][1]},
                      "step": mean_ci([p[0] for p in picks]), "steps": [p[0] for p in picks]}
@@ -1987,7 +2009,7 @@ def compare_report(results: dict) -> str:
         text += (f"\n*Difference to {results['paired_vs']}, paired by seed (same base and seed)*\n\n"
                  + results_table(results["paired"], splits, sign="+"))
     if "chosen" in results:
-        text += (f"\n*At the checkpoint chosen on val (highest val {CHOOSE_BY}); chosen steps per seed: "
+        text += (f"\n*At the checkpoint chosen on val (highest val exact pass@{CHOOSE_BY}); chosen steps per seed: "
                  + "; ".join(f"{m} {c['steps']}" for m, c in results["chosen"].items()) + "*\n\n"
                  + results_table(results["chosen"], ["test"]))
     return text
@@ -2064,15 +2086,16 @@ def plot_results(results: dict, out: Path) -> None:
 # chosen there before the test run (toy_tasks/results/README.md#frontiers). "grpo+T": GRPO, hotter rollouts only.
 FRONTIER_GRID = {
     "grpo+T": ("grpo", "rollout_temperature", (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)),
-    "grpo+T+minp": ("grpo@rollout_min_p=0.05", "rollout_temperature", (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
+    "grpo+T+minp": ("grpo@rollout_min_p=0.05", "rollout_temperature", (1.0, 1.5, 2.0, 3.0, 5.0)),
     "iac+T": ("iac", "rollout_temperature", (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)),
-    "iac+T+minp": ("iac@rollout_min_p=0.05", "rollout_temperature", (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
+    "iac+T+minp": ("iac@rollout_min_p=0.05", "rollout_temperature", (1.0, 1.5, 2.0, 3.0, 5.0)),
     "iac+dlc": ("iac+dlc", "dlc_mu", (0.25, 0.5, 1.0, 1.5, 2.0)),
     "dlc": ("dlc", "dlc_mu", (0.25, 0.5, 1.0, 1.5, 2.0)),
     "entropy": ("grpo+entropy", "entropy_coef", (0.001, 0.003, 0.01, 0.03, 0.1)),
     "kl": ("grpo+kl", "kl_coef", (0.01, 0.04, 0.1, 0.3, 1.0)),
     "wreinforce": ("wreinforce", "wreinforce_weight", (0.03, 0.1, 0.3, 0.5, 1.0)),
     "passk": ("passk", "passk_k", (2, 3, 4, 6, 8)),
+    "grpo steps": ("grpo@eval_every=25", "steps", (300,)),  # one run: GRPO's trajectory, from the base on
 }
 FRONTIER = FRONTIER_GRID
 REFERENCE = "iac+dlc"  # the paper's method: every other curve is compared with it
@@ -2092,20 +2115,22 @@ def matched_gap(x: list[float], y: list[float], curve_x: list[float], curve_y: l
     return [float(yi - np.interp(xi, cx, cy)) if cx[0] <= xi <= cx[-1] else None for xi, yi in zip(x, y)]
 
 
-def frontier_points(results: dict, variants: dict[str, list[str]]) -> dict[str, dict]:
-    """{family: {"split/metric": [per seed, the value at each dial setting]}} for every axis and height; plus GRPO's
-    own training trajectory (the base, then its evaluations every --eval-every steps) as the family "grpo steps"."""
+def frontier_points(results: dict, families: dict) -> dict[str, dict]:
+    """{family: {"split/metric": [per seed, the value at each dial setting]}} for every axis and height. A family
+    whose dial is `steps` is one run's trajectory: the base, then its evaluations every --eval-every steps."""
     held, n = list(results["summary"]["base"])[-1], results["config"]["eval_n"]
     value = lambda ev, key: flat_metrics(ev[key[0].replace("held", held)])[key[1].replace("@n", f"@{n}")]  # noqa
     run = lambda name, s: results["runs"][run_name(name, s)]  # noqa: E731
-    curves = {family: lambda s, names=names: [run(v, s)["final"] for v in names] for family, names in variants.items()}
-    plain = next((v for v in variants.get("grpo+T", []) if v.endswith("=1.0")), None)
-    if plain:
-        curves["grpo steps"] = lambda s: [ev for _, ev in sorted(({0: run(plain, s)["base"]}
-                                                                 | eval_records(run(plain, s))).items())]
+
+    def evals(family, s):
+        names = frontier_variants({family: families[family]})[family]
+        if families[family][1] == "steps":
+            return [ev for _, ev in sorted(({0: run(names[0], s)["base"]} | eval_records(run(names[0], s))).items())]
+        return [run(v, s)["final"] for v in names]
+
     keys = AXES + tuple(("held", h) for h in HEIGHTS)
-    return {family: {"/".join(key): [[value(ev, key) for ev in evals(s)] for s in results["seeds"]] for key in keys}
-            for family, evals in curves.items()}
+    return {family: {"/".join(key): [[value(ev, key) for ev in evals(family, s)] for s in results["seeds"]]
+                     for key in keys} for family in families}
 
 
 def frontier_gaps(points: dict[str, dict]) -> dict:
@@ -2127,10 +2152,13 @@ def frontier_gaps(points: dict[str, dict]) -> dict:
 
 def frontier(cfg: Config, seeds: list[int], jobs: int = 1, families: dict | None = None) -> dict:
     """Run every family's dial settings (`compare`, resumable), then frontier.md and frontier.png."""
-    variants = frontier_variants(FRONTIER if families is None else families)
-    results = compare(cfg, [v for names in variants.values() for v in names], seeds, jobs)
-    points = frontier_points(results, variants)
-    report = {"families": FRONTIER if families is None else families, "variants": variants, "points": points,
+    families = FRONTIER if families is None else families
+    variants = frontier_variants(families)
+    # each dial setting is one point, its final evaluation; a trajectory family sets its own --eval-every
+    results = compare(dataclasses.replace(cfg, eval_every=0), [v for names in variants.values() for v in names],
+                      seeds, jobs)
+    points = frontier_points(results, families)
+    report = {"families": families, "variants": variants, "points": points,
               "gaps": frontier_gaps(points) if REFERENCE in points else {}, "seeds": seeds,
               "held": list(results["summary"]["base"])[-1], "wall_s": results["wall_s"]}
     write_json(Path(cfg.out) / "frontier.json", report)
@@ -2142,7 +2170,8 @@ def frontier(cfg: Config, seeds: list[int], jobs: int = 1, families: dict | None
 def frontier_report(report: dict, results: dict) -> str:
     """frontier.md: every point (mean +- 95% CI over seeds), then IAC+DLC's height above each curve."""
     held, n = report["held"], results["config"]["eval_n"]
-    cell = lambda v: "-" if v is None else f"{v['mean']:+.3f} +- {v['ci95']:.3f} ({v['n']})"  # noqa: E731
+    cell = lambda v: "-" if v is None else f"{v['mean']:+.3f} +- {v['ci95']:.3f} ({v['n']})" if v["n"] > 1 else (
+        f"{v['mean']:+.3f} (1)")  # noqa: E731  one seed: no interval
     text = (f"Frontiers on {held}: mean +- 95% CI over seeds {report['seeds']}; exact metrics.\n\n"
             f"| family | setting | train pass@1 | {held} pass@1 | {held} coverage | {held} pass@{n} |\n"
             "|---|---|---|---|---|---|\n")
@@ -2182,9 +2211,9 @@ def plot_frontier(report: dict, results: dict, out: Path) -> None:
         for family, pts in report["points"].items():
             xs, ys = np.array(pts[xkey]), np.array(pts[ykey])  # [seeds, settings]
             ci = lambda a: [mean_ci(col)["ci95"] for col in a.T]  # noqa: E731
-            ax.errorbar(xs.mean(0), ys.mean(0), xerr=ci(xs), yerr=ci(ys), marker="o", ms=4, capsize=2,
-                        label=family, color=colors[family], ls="--" if family == "grpo steps" else "-",
-                        lw=2.6 if family == REFERENCE else 1.2)
+            trajectory = report["families"][family][1] == "steps"
+            ax.errorbar(xs.mean(0), ys.mean(0), xerr=ci(xs), yerr=ci(ys), marker="o", ms=4, capsize=2, label=family,
+                        color=colors[family], ls="--" if trajectory else "-", lw=2.6 if family == REFERENCE else 1.2)
         split = "train" if axis[0] == "train" else held
         ax.plot([base[split]["exact_pass@1"]["mean"]], [base[held][height.replace("@n", f"@{n}")]["mean"]], "k*",
                 ms=12, label="base")

@@ -775,11 +775,17 @@ def test_micro_batch_run_writes_the_same_summary(tmp_path, task_dir):
     assert runs[0] == runs[1]
 
 
-def test_loss_uses_the_sampling_temperature(tmp_path, task_dir, tokenizer, warm_model, monkeypatch):
-    """At T = 0.7, every log-prob the loss sees is of the tempered distribution the samples came from: in micro-batches,
-    the first epoch's ratio is 1 and the KL reference (a copy of the policy) equals it; mu = 0 DLC weights are 1."""
+@pytest.mark.parametrize("temperature, rollout_temperature", [(0.7, 0.0), (1.3, 0.7)])
+def test_loss_uses_the_sampling_temperature(tmp_path, task_dir, tokenizer, warm_model, monkeypatch, temperature,
+                                            rollout_temperature):
+    """Rollouts at T = 0.7 (--temperature, or --rollout-temperature over another --temperature): every log-prob the
+    loss sees is of the tempered distribution the samples came from: in micro-batches, the first epoch's ratio is 1 and
+    the KL reference (a copy of the policy) equals it; mu = 0 DLC weights are 1; later epochs use 0.7 too."""
     model, train = warm_model
     real_sample, real_loss, got = rlvr.sample, rlvr.ppo_clip_loss, {"calls": []}
+    real_logprobs, temperatures = rlvr.completion_logprobs, []
+    monkeypatch.setattr(rlvr, "completion_logprobs", lambda *a, **kw: temperatures.append(kw["temperature"])
+                        or real_logprobs(*a, **kw))
     monkeypatch.setattr(rlvr, "sample", lambda *a, **kw: got.setdefault("rollouts", []).append(real_sample(*a, **kw))
                         or got["rollouts"][-1])
 
@@ -788,8 +794,8 @@ def test_loss_uses_the_sampling_temperature(tmp_path, task_dir, tokenizer, warm_
         return real_loss(logp, old_logp, *args, **kw)
 
     monkeypatch.setattr(rlvr, "ppo_clip_loss", spy_loss)
-    cfg = tiny_cfg(tmp_path, task_dir, group_size=8, temperature=0.7, method="dlc+kl", dlc_mu=0.0, dlc_is_cap=2.0,
-                   micro_batch=20, ppo_epochs=2)
+    cfg = tiny_cfg(tmp_path, task_dir, group_size=8, temperature=temperature, rollout_temperature=rollout_temperature,
+                   method="dlc+kl", dlc_mu=0.0, dlc_is_cap=2.0, micro_batch=20, ppo_epochs=2)
     memory = rlvr.Memory(model.config.hidden_size, len(tokenizer), cfg, torch.device("cpu"))
     torch.nn.init.normal_(memory.net[-1].weight)  # mu = 0 must make even an opinionated memory a no-op
     policy = copy.deepcopy(model)
@@ -804,6 +810,7 @@ def test_loss_uses_the_sampling_temperature(tmp_path, task_dir, tokenizer, warm_
         assert torch.allclose(ref_logp[mask], old_logp[mask], atol=1e-5)  # the reference, tempered alike
         assert torch.allclose(weights[mask], torch.ones(int(mask.sum())), atol=1e-5)
     assert any(not torch.allclose(c[0], c[1]) for c in got["calls"][3:])  # epoch 2 sees the updated policy
+    assert len(temperatures) == 12 and set(temperatures) == {0.7}  # rollouts, reference, epochs 1 and 2 (3 chunks each)
 
 
 # ---------------------------------------------------------------- lessons: sampling bias and semantic coupling
@@ -1195,7 +1202,7 @@ def test_compare_writes_results_and_resumes(tmp_path, task_dir, capsys):
 
 
 # ---------------------------------------------------------------- exploration knobs and frontiers
-def test_min_p_sampling_draws_only_plausible_tokens_from_the_renormalised_distribution(tokenizer, warm_model):
+def test_min_p_keeps_the_untempered_plausible_tokens_and_renormalises_the_tempered_rest(tokenizer, warm_model):
     model, train = warm_model
     prompts = [train.prompt_ids[0]] * 400
     r = rlvr.sample(model, tokenizer, prompts, 1, temperature=2.0, generator=torch.Generator().manual_seed(1),
@@ -1203,7 +1210,8 @@ def test_min_p_sampling_draws_only_plausible_tokens_from_the_renormalised_distri
     with torch.no_grad():
         logits = model(torch.tensor([train.prompt_ids[0]])).logits[0, -1]
     logp = torch.log_softmax(logits / 2.0, -1)
-    keep = logp >= logp.max() + math.log(0.2)
+    keep = logits >= logits.max() + math.log(0.2)  # temperature last: the plausible set is the untempered policy's
+    assert int(keep.sum()) < int((logp >= logp.max() + math.log(0.2)).sum())  # smaller than at T = 2
     tokens = r.completion_ids[:, 0]
     assert keep[tokens].all() and 1 < len(set(tokens.tolist())) <= int(keep.sum()) < len(logp)
     expected = logp[tokens] - torch.logsumexp(logp[keep], 0)  # the truncated, renormalised q
@@ -1211,17 +1219,14 @@ def test_min_p_sampling_draws_only_plausible_tokens_from_the_renormalised_distri
 
 
 def test_rollout_temperature_and_min_p_act_on_training_rollouts_only(tmp_path, task_dir, monkeypatch):
-    real_sample, real_logprobs, calls, loss_T = rlvr.sample, rlvr.completion_logprobs, [], []
+    real_sample, calls = rlvr.sample, []
     monkeypatch.setattr(rlvr, "sample", lambda *a, **kw: calls.append((a[4], kw.get("min_p", 0.0), kw.get("noise")))
                         or real_sample(*a, **kw))
-    monkeypatch.setattr(rlvr, "completion_logprobs", lambda *a, **kw: loss_T.append(kw.get("temperature", 1.0))
-                        or real_logprobs(*a, **kw))
-    rlvr.train(tiny_cfg(tmp_path, task_dir, steps=2, eval_every=0, temperature=0.9, rollout_temperature=1.7,
-                        rollout_min_p=0.1, method="grpo+kl"))
+    rlvr.train(tiny_cfg(tmp_path, task_dir, steps=2, eval_every=1, temperature=0.9, rollout_temperature=1.7,
+                        rollout_min_p=0.1))
     rollouts = {(T, p) for T, p, noise in calls if noise is not None}
     evals = {(T, p) for T, p, noise in calls if noise is None}
     assert rollouts == {(1.7, 0.1)} and evals == {(0.9, 0.0)}
-    assert {T for T in loss_T if T != 1.0} == {1.7, 0.9}  # the loss and KL at 1.7; exact metrics at 0.9 (and 1)
 
 
 def test_variant_config_sets_knobs_and_refuses_bad_ones():
@@ -1230,7 +1235,8 @@ def test_variant_config_sets_knobs_and_refuses_bad_ones():
     assert (v.method, v.dlc_mu, v.rollout_min_p, v.passk_k, v.iac_renorm) == ("iac+dlc", 1.5, 0.1, 3, True)
     assert rlvr.variant_config(cfg, "grpo") == dataclasses.replace(cfg, method="grpo")
     assert rlvr.run_name("grpo@rollout_temperature=1.5", 2) == "grpo_rollout_temperature1.5-s2"
-    for bad in ("grpo@nope=1", "grpo@dlc_mu", "grpo@dlc_mu=high", "grpo@seed=3", "grpo@iac_renorm=yes"):
+    assert rlvr.variant_config(cfg, "grpo@lr=1e-4").lr == 1e-4
+    for bad in ("grpo@nope=1", "grpo@dlc_mu", "grpo@dlc_mu=high", "grpo@seed=3", "grpo@iac_renorm=yes", "grpo@eval_n=4"):
         with pytest.raises(rlvr.UserError, match="grpo@"):
             rlvr.variant_config(cfg, bad)
 
@@ -1242,40 +1248,83 @@ def test_matched_gap_hand_computed():
     assert gaps[3] == pytest.approx(0.0)
 
 
-def test_frontier_curves_gaps_and_the_validation_chosen_checkpoint(tmp_path, task_dir):
-    families = {"grpo+T": ("grpo", "rollout_temperature", (1.0, 2.0)), "iac+dlc": ("iac+dlc", "dlc_mu", (0.5, 1.0))}
-    cfg = tiny_cfg(tmp_path, task_dir, out=str(tmp_path / "fr"), steps=2, eval_every=1, eval_split="val,test")
+def _fake_results(tmp_path, methods, seeds, per_run):
+    """A compare results dict whose runs hold the given metrics: per_run(method, seed) -> (final, {step: eval})."""
+    def split(p1, cov, p8):
+        return {"exact_pass@k": {"1": p1, "8": p8}, "pass@k": {"1": p1, "8": p8}, "exact_coverage": cov}
+    runs = {}
+    for m, s in itertools.product(methods, seeds):
+        final, records = per_run(m, s)
+        out = tmp_path / rlvr.run_name(m, s)
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "eval": {sp: split(*v) for sp, v in ev.items()}})
+                                                   + "\n" for k, ev in records.items()))
+        runs[rlvr.run_name(m, s)] = {"config": {"out": str(out)}, "final": {sp: split(*v) for sp, v in final.items()},
+                                     "base": {sp: split(0.1, 0.5, 0.4) for sp in final}}
+    base = {sp: {"exact_pass@1": {"mean": 0.1}} for sp in ("train", "test")}
+    return {"methods": methods, "seeds": seeds, "runs": runs, "config": {"eval_n": 8}, "summary": {"base": base}}
+
+
+def test_frontier_points_and_gaps_are_paired_by_seed_on_the_right_splits(tmp_path):
+    # two families on two seeds; values (train p@1, test p@1, test coverage) chosen so that every gap is known by hand
+    finals = {("a@x=1", 0): (0.2, 0.05, 0.30), ("a@x=2", 0): (0.6, 0.15, 0.10),
+              ("a@x=1", 1): (0.4, 0.05, 0.40), ("a@x=2", 1): (0.8, 0.25, 0.20),
+              ("iac+dlc@dlc_mu=1", 0): (0.4, 0.10, 0.30), ("iac+dlc@dlc_mu=1", 1): (0.9, 0.10, 0.60)}
+    traj = {1: {"train": (0.3, 0.2, 0.5), "test": (0.1, 0.2, 0.3)}, 2: {"train": (0.5, 0.2, 0.5), "test": (0.1, 0.1, 0.3)}}
+    families = {"a": ("a", "x", (1, 2)), "iac+dlc": ("iac+dlc", "dlc_mu", (1,)), "steps": ("g", "steps", (300,))}
+
+    def per_run(m, s):
+        if m.startswith("g"):
+            return {"train": (0.5, 0.2, 0.5), "test": (0.1, 0.1, 0.3)}, traj
+        p1, held_p1, cov = finals[(m, s)]
+        return {"train": (p1, 0.9, 0.9), "test": (held_p1, cov, 0.5)}, {}
+
+    results = _fake_results(tmp_path, ["a@x=1", "a@x=2", "iac+dlc@dlc_mu=1", "g@steps=300"], [0, 1], per_run)
+    pts = rlvr.frontier_points(results, families)
+    assert pts["a"]["train/exact_pass@1"] == [[0.2, 0.6], [0.4, 0.8]]
+    assert pts["a"]["held/exact_pass@1"] == [[0.05, 0.15], [0.05, 0.25]]
+    assert pts["a"]["held/exact_coverage"] == [[0.30, 0.10], [0.40, 0.20]]
+    assert pts["steps"]["train/exact_pass@1"] == [[0.1, 0.3, 0.5]] * 2  # the base, then each evaluation
+    gaps = rlvr.frontier_gaps(pts)
+    # seed 0: x 0.4 on the segment 0.2 -> 0.6, coverage 0.30 -> 0.10 gives 0.20: gap +0.10; seed 1: x 0.9 is outside
+    g = gaps["a"]["train/exact_pass@1"]["held/exact_coverage"][0]
+    assert g["mean"] == pytest.approx(0.10) and g["n"] == 1
+    # at matched held-out pass@1: seed 0 x 0.10 -> 0.20 (gap +0.10), seed 1 x 0.10 -> 0.40 - 0.2 * 0.25 = 0.35 (+0.25)
+    g = gaps["a"]["held/exact_pass@1"]["held/exact_coverage"][0]
+    assert g["mean"] == pytest.approx(0.175) and g["n"] == 2
+    # the trajectory at train pass@1 0.4: halfway between steps 1 and 2, coverage 0.15; seed 1's 0.9 is outside
+    g = gaps["steps"]["train/exact_pass@1"]["held/exact_coverage"][0]
+    assert g["mean"] == pytest.approx(0.30 - 0.15) and g["n"] == 1
+
+
+def test_the_checkpoint_is_chosen_on_val_and_reported_on_test(tmp_path):
+    # val exact pass@8 peaks at step 2 on seed 0 and ties at steps 1 and 3 on seed 1 (the earlier wins); test differs
+    val8 = {0: {1: 0.3, 2: 0.5, 3: 0.4}, 1: {1: 0.6, 2: 0.2, 3: 0.6}}
+
+    def per_run(m, s):
+        records = {k: {"val": (0.1, 0.2, v), "test": (0.1, 0.01 * k + s, 0.9 - v)} for k, v in val8[s].items()}
+        return {"train": (0.5, 0.5, 0.5), "val": (0.1, 0.2, 0.3), "test": (0.1, 0.2, 0.3)}, records
+
+    chosen = rlvr.chosen_checkpoints(_fake_results(tmp_path, ["grpo"], [0, 1], per_run))["grpo"]
+    assert chosen["steps"] == [2, 1]
+    assert chosen["test"]["exact_coverage"]["mean"] == pytest.approx(np.mean([0.02, 1.01]))
+    assert chosen["test"]["exact_pass@8"]["mean"] == pytest.approx(np.mean([0.4, 0.3]))
+
+
+def test_frontier_runs_every_setting_and_refuses_reused_runs_with_other_settings(tmp_path, task_dir):
+    families = {"grpo+T": ("grpo", "rollout_temperature", (1.0, 2.0)), "iac+dlc": ("iac+dlc", "dlc_mu", (0.5,)),
+                "grpo steps": ("grpo@eval_every=1", "steps", (2,))}
+    cfg = tiny_cfg(tmp_path, task_dir, out=str(tmp_path / "fr"), steps=2, eval_split="val")
     report = rlvr.frontier(cfg, [0, 1], jobs=1, families=families)
     results = json.loads((tmp_path / "fr" / "results.json").read_text())
-    run = lambda name, s: results["runs"][rlvr.run_name(name, s)]  # noqa: E731
-    pts = report["points"]
-    assert set(pts) == {"grpo+T", "iac+dlc", "grpo steps"} and report["held"] == "test"
-    for s in (0, 1):  # every point is that run's final metric; the trajectory is the T = 1 run's evaluations
-        assert pts["grpo+T"]["train/exact_pass@1"][s][1] == run("grpo@rollout_temperature=2.0", s)["final"]["train"][
-            "exact_pass@k"]["1"]
-        assert pts["iac+dlc"]["held/exact_coverage"][s][0] == run("iac+dlc@dlc_mu=0.5", s)["final"]["test"][
-            "exact_coverage"]
-        records = rlvr.eval_records(run("grpo@rollout_temperature=1.0", s))
-        assert pts["grpo steps"]["held/exact_pass@n"][s] == [records[k]["test"]["exact_pass@k"]["8"] for k in (1, 2)]
-    gap = report["gaps"]["grpo+T"]["train/exact_pass@1"]["held/exact_coverage"]
-    by_seed = [rlvr.matched_gap(pts["iac+dlc"]["train/exact_pass@1"][s], pts["iac+dlc"]["held/exact_coverage"][s],
-                                pts["grpo+T"]["train/exact_pass@1"][s], pts["grpo+T"]["held/exact_coverage"][s])
-               for s in (0, 1)]
-    for i, g in enumerate(gap):
-        inside = [b[i] for b in by_seed if b[i] is not None]
-        assert (g is None) if not inside else g["mean"] == pytest.approx(np.mean(inside))
-    text = (tmp_path / "fr" / "frontier.md").read_text()
-    assert "| grpo+T | rollout_temperature=2.0 |" in text and "iac+dlc minus each curve" in text
-    # the validation-chosen checkpoint: each run's evaluation with the highest val exact pass@8, reported on test
-    chosen = results["chosen"]["iac+dlc@dlc_mu=1.0"]
-    picks = []
-    for s in (0, 1):
-        records = rlvr.eval_records(run("iac+dlc@dlc_mu=1.0", s))
-        best = max(records, key=lambda k: (records[k]["val"]["exact_pass@k"]["8"], -k))
-        picks.append(records[best]["test"]["exact_coverage"])
-        assert chosen["steps"][s] == best
-    assert chosen["test"]["exact_coverage"]["mean"] == pytest.approx(np.mean(picks))
-    assert "chosen on val" in (tmp_path / "fr" / "results.md").read_text()
+    assert len(results["runs"]) == 8 and report["held"] == "val"
+    assert [len(p) for p in report["points"]["grpo steps"]["train/exact_pass@1"]] == [3, 3]  # base, steps 1, 2
+    assert results["runs"]["grpo_rollout_temperature2.0-s1"]["config"]["rollout_temperature"] == 2.0
+    assert "| grpo+T | rollout_temperature=2.0 |" in (tmp_path / "fr" / "frontier.md").read_text()
+    with pytest.raises(rlvr.UserError, match="ran with other settings"):  # a test frontier must not reuse val runs
+        rlvr.frontier(dataclasses.replace(cfg, eval_split="test"), [0, 1], jobs=1, families=families)
+    with pytest.raises(rlvr.UserError, match="share a run folder"):
+        rlvr.compare(cfg, ["grpo@lr=1e+2", "grpo@lr=1e-2"], [0])
 
 
 # ---------------------------------------------------------------- real models: loading, bounded memory, progress
