@@ -2217,19 +2217,23 @@ def plot_frontier(report: dict, results: dict, out: Path) -> None:
     colors = dict(zip(report["points"], itertools.cycle(plt.cm.tab10.colors + plt.cm.Dark2.colors)))
     for (r, height), (c, axis) in itertools.product(enumerate(HEIGHTS), enumerate(AXES)):
         ax, xkey, ykey = axes[r][c], "/".join(axis), "held/" + height
+        split = "train" if axis[0] == "train" else held
+        means = [(base[split]["exact_pass@1"]["mean"], base[held][height.replace("@n", f"@{n}")]["mean"])]
         for family, pts in report["points"].items():
             xs, ys = np.array(pts[xkey]), np.array(pts[ykey])  # [seeds, settings]
             ci = lambda a: [mean_ci(col)["ci95"] for col in a.T]  # noqa: E731
             trajectory = report["families"][family][1] == "steps"
             ax.errorbar(xs.mean(0), ys.mean(0), xerr=ci(xs), yerr=ci(ys), marker="o", ms=4, capsize=2, label=family,
-                        color=colors[family], ls="--" if trajectory else "-", lw=2.6 if family == REFERENCE else 1.2)
-        split = "train" if axis[0] == "train" else held
-        ax.plot([base[split]["exact_pass@1"]["mean"]], [base[held][height.replace("@n", f"@{n}")]["mean"]], "k*",
-                ms=12, label="base")
+                        color=colors[family], ls="--" if trajectory else "-", lw=2.6 if family == REFERENCE else 1.2,
+                        elinewidth=0.7, zorder=3 if family == REFERENCE else 2)
+            means += list(zip(xs.mean(0), ys.mean(0)))
+        ax.plot(*means[0], "k*", ms=14, label="base", zorder=4)
+        (x0, y0), (x1, y1) = np.min(means, 0), np.max(means, 0)  # the means set the view; long CI bars run off it
+        ax.set(xlim=(x0 - 0.1 * (x1 - x0), x1 + 0.1 * (x1 - x0)), ylim=(y0 - 0.1 * (y1 - y0), y1 + 0.1 * (y1 - y0)))
         ax.set(xlabel=f"{split} pass@1 (exact)", ylabel=f"{held} {height.replace('@n', f'@{n}')}".replace("_", " "))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(out / "frontier.png", dpi=80)
     plt.close(fig)
 
