@@ -1524,7 +1524,7 @@ def model_path(cfg: Config) -> str:
     out = Path(cfg.cache_dir) / f"gguf-{gguf.stem}-{key}"
     if not (out / "config.json").exists():
         try:
-            import accelerate, gguf as _  # noqa: F401  (transformers reads GGUF through them)
+            import accelerate, gguf as _  # noqa: F401, E401  (transformers reads GGUF through them)
         except ImportError:
             raise UserError(f"--model {cfg.model}: a .gguf model needs pip install gguf accelerate") from None
         print(f"rlvr.py: converting {gguf.name} to {out} (once)", file=sys.stderr)
@@ -1696,7 +1696,8 @@ def write_summary(out: Path, cfg: Config, state: RunState, final_metrics: dict, 
                "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(state.rl_s, 3),
                           "rl_step_s": round(state.rl_s / max(cfg.steps, 1), 4)},
                "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size,
-                          "generated_tokens": state.tokens, "skipped_updates": state.skipped_updates}}
+                          "generated_tokens": state.tokens, "skipped_updates": state.skipped_updates},
+               "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}  # which rlvr.py made it
     if device.type == "cuda":
         summary["timing"]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     write_json(out / "summary.json", summary)
@@ -1868,7 +1869,9 @@ def run_name(method: str, seed: int) -> str:
 
 # what every run of a comparison shares: its base, its evaluation, where it runs
 SHARED_KNOBS = {"method", "seed", "out", "threads", "device", "tasks", "model", "cache_dir", "base_seed", "n_embd",
-                "n_layer", "n_head", "ws_steps", "ws_batch", "ws_lr", "eval_n", "eval_split"}
+                "n_layer", "n_head", "ws_steps", "ws_batch", "ws_lr", "eval_n", "eval_split", "temperature",
+                "max_new_tokens"}
+RUN_ONLY = {"out", "threads", "cache_dir", "tasks", "micro_batch", "eval_batch", "save_every"}  # never change a sample
 
 
 def variant_config(cfg: Config, variant: str) -> Config:
@@ -1881,7 +1884,7 @@ def variant_config(cfg: Config, variant: str) -> Config:
         if name not in Config.__dataclass_fields__ or not value:
             raise UserError(f"{variant!r}: '@{setting}' is not knob=value with a Config knob (e.g. dlc_mu=1.5)")
         if name in SHARED_KNOBS:
-            raise UserError(f"{variant!r}: {name} is shared by every run of a comparison: set it with --{name}")
+            raise UserError(f"{variant!r}: {name} is shared by every run: set it with --{name.replace('_', '-')}")
         kind = type(getattr(cfg, name))
         try:
             if kind is bool and value.lower() not in ("true", "false"):
@@ -1908,7 +1911,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
     for c in [c for c in cfgs.values() if c not in todo]:  # a finished run is reused only with the same settings
         saved = json.loads((Path(c.out) / "summary.json").read_text()).get("config", {})  # a knob added later: off
         differ = [k for k, v in dataclasses.asdict(c).items()
-                  if k not in ("out", "threads", "cache_dir", "tasks") and saved.get(k, getattr(Config, k)) != v]
+                  if k not in RUN_ONLY and saved.get(k, getattr(Config, k)) != v]
         if differ:
             raise UserError(f"{c.out} ran with other settings ({differ[0]}={saved.get(differ[0])!r}, not "
                             f"{getattr(c, differ[0])!r}): compare into a new --out")
@@ -2016,7 +2019,8 @@ def compare_report(results: dict) -> str:
         text += (f"\n*Difference to {results['paired_vs']}, paired by seed (same base and seed)*\n\n"
                  + results_table(results["paired"], splits, sign="+"))
     if "chosen" in results:
-        text += (f"\n*At the checkpoint chosen on val (highest val exact pass@{CHOOSE_BY}); chosen steps per seed: "
+        k = min(CHOOSE_BY, results["config"]["eval_n"])
+        text += (f"\n*At the checkpoint chosen on val (highest val exact pass@{k}); chosen steps per seed: "
                  + "; ".join(f"{m} {c['steps']}" for m, c in results["chosen"].items()) + "*\n\n"
                  + results_table(results["chosen"], ["train", "test"]))
     return text
@@ -2097,7 +2101,7 @@ FRONTIER_GRID = {
     "kl": ("grpo+kl", "kl_coef", (0.01, 0.04, 0.1, 0.3, 1.0)),
     "wreinforce": ("wreinforce", "wreinforce_weight", (0.03, 0.1, 0.3, 0.5, 1.0)),
     "passk": ("passk", "passk_k", (2, 3, 4, 6, 8)),
-    "grpo steps": ("grpo@eval_every=25", "steps", (300,)),  # one run: GRPO's trajectory, from the base on
+    "grpo steps": ("grpo@eval_every=25", "steps", (300,)),  # one run (of --steps): GRPO's trajectory from the base
 }
 # chosen on val (seeds 100-101): per family 4 settings that learned (train pass@1 above the base's), its default
 # included, spread over its train pass@1 range; the min-p variants lay below the plain ones and are not rerun
@@ -2166,7 +2170,8 @@ def frontier_gaps(points: dict[str, dict]) -> dict:
 
 def frontier(cfg: Config, seeds: list[int], jobs: int = 1, families: dict | None = None) -> dict:
     """Run every family's dial settings (`compare`, resumable), then frontier.md and frontier.png."""
-    families = FRONTIER if families is None else families
+    families = {f: (method, dial, (cfg.steps,) if dial == "steps" else values)  # the trajectory runs --steps long
+                for f, (method, dial, values) in (FRONTIER if families is None else families).items()}
     variants = frontier_variants(families)
     # each dial setting is one point, its final evaluation; a trajectory family sets its own --eval-every
     results = compare(dataclasses.replace(cfg, eval_every=0), [v for names in variants.values() for v in names],
@@ -2184,8 +2189,8 @@ def frontier(cfg: Config, seeds: list[int], jobs: int = 1, families: dict | None
 def frontier_report(report: dict, results: dict) -> str:
     """frontier.md: every point (mean +- 95% CI over seeds), then IAC+DLC's height above each curve."""
     held, n = report["held"], results["config"]["eval_n"]
-    cell = lambda v: "-" if v is None else f"{v['mean']:+.3f} +- {v['ci95']:.3f} ({v['n']})" if v["n"] > 1 else (
-        f"{v['mean']:+.3f} (1)")  # noqa: E731  one seed: no interval
+    cell = lambda v, sign="", n=True: "-" if v is None else f"{v['mean']:{sign}.3f}" + (  # noqa: E731
+        f" +- {v['ci95']:.3f}" if v["n"] > 1 else "") + (f" ({v['n']})" if n else "")  # one seed: no interval
     text = (f"Frontiers on {held}: mean +- 95% CI over seeds {report['seeds']}; exact metrics.\n\n"
             f"| family | setting | train pass@1 | {held} pass@1 | {held} coverage | {held} pass@{n} |\n"
             "|---|---|---|---|---|---|\n")
@@ -2194,15 +2199,14 @@ def frontier_report(report: dict, results: dict) -> str:
             m = results["summary"][name]
             row = [m["train"]["exact_pass@1"]] + [m[held][k] for k in ("exact_pass@1", "exact_coverage",
                                                                         f"exact_pass@{n}")]
-            text += f"| {family} | {name.split('@')[-1]} | " + " | ".join(
-                f"{v['mean']:.3f} +- {v['ci95']:.3f}" for v in row) + " |\n"
+            text += f"| {family} | {name.split('@')[-1]} | " + " | ".join(cell(v, n=False) for v in row) + " |\n"
     settings = [name.split("@")[-1] for name in report["variants"].get(REFERENCE, [])]
     for axis in ("/".join(a) for a in AXES):
         for height in ("held/" + h for h in HEIGHTS):
             text += (f"\n*{REFERENCE} minus each curve, at the same {axis.replace('held', held)} (interpolated, "
                      f"paired by seed; (k): seeds inside the curve's range): {height.replace('held', held)}*\n\n"
                      f"| curve | " + " | ".join(settings) + " |\n" + "|---" * (len(settings) + 1) + "|\n")
-            text += "".join(f"| {family} | " + " | ".join(map(cell, by_axis[axis][height])) + " |\n"
+            text += "".join(f"| {family} | " + " | ".join(cell(v, "+") for v in by_axis[axis][height]) + " |\n"
                             for family, by_axis in report["gaps"].items())
     return text
 
@@ -2228,8 +2232,8 @@ def plot_frontier(report: dict, results: dict, out: Path) -> None:
                         elinewidth=0.7, zorder=3 if family == REFERENCE else 2)
             means += list(zip(xs.mean(0), ys.mean(0)))
         ax.plot(*means[0], "k*", ms=14, label="base", zorder=4)
-        (x0, y0), (x1, y1) = np.min(means, 0), np.max(means, 0)  # the means set the view; long CI bars run off it
-        ax.set(xlim=(x0 - 0.1 * (x1 - x0), x1 + 0.1 * (x1 - x0)), ylim=(y0 - 0.1 * (y1 - y0), y1 + 0.1 * (y1 - y0)))
+        lo, hi, pad = np.min(means, 0), np.max(means, 0), 1e-3 + 0.1 * np.ptp(means, 0)  # the means set the view
+        ax.set(xlim=(lo[0] - pad[0], hi[0] + pad[0]), ylim=(lo[1] - pad[1], hi[1] + pad[1]))  # CI bars may run off
         ax.set(xlabel=f"{split} pass@1 (exact)", ylabel=f"{held} {height.replace('@n', f'@{n}')}".replace("_", " "))
         ax.grid(alpha=0.3)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize=9)

@@ -1239,6 +1239,9 @@ def test_variant_config_sets_knobs_and_refuses_bad_ones():
     for bad in ("grpo@nope=1", "grpo@dlc_mu", "grpo@dlc_mu=high", "grpo@seed=3", "grpo@iac_renorm=yes", "grpo@eval_n=4"):
         with pytest.raises(rlvr.UserError, match="grpo@"):
             rlvr.variant_config(cfg, bad)
+    for shared, flag in (("temperature=1.5", "--temperature"), ("max_new_tokens=9", "--max-new-tokens")):
+        with pytest.raises(rlvr.UserError, match=f"shared by every run: set it with {flag}"):  # evaluation reads them
+            rlvr.variant_config(cfg, f"grpo@{shared}")
 
 
 def test_matched_gap_hand_computed():
@@ -1248,10 +1251,11 @@ def test_matched_gap_hand_computed():
     assert gaps[3] == pytest.approx(0.0)
 
 
-def _fake_results(tmp_path, methods, seeds, per_run):
-    """A compare results dict whose runs hold the given metrics: per_run(method, seed) -> (final, {step: eval})."""
+def _fake_results(tmp_path, methods, seeds, per_run, n=8):
+    """A compare results dict whose runs hold the given metrics: per_run(method, seed) -> (final, {step: eval});
+    the third value of each split is pass@n (n = --eval-n)."""
     def split(p1, cov, p8):
-        return {"exact_pass@k": {"1": p1, "8": p8}, "pass@k": {"1": p1, "8": p8}, "exact_coverage": cov}
+        return {"exact_pass@k": {"1": p1, str(n): p8}, "pass@k": {"1": p1, str(n): p8}, "exact_coverage": cov}
     runs = {}
     for m, s in itertools.product(methods, seeds):
         final, records = per_run(m, s)
@@ -1262,7 +1266,7 @@ def _fake_results(tmp_path, methods, seeds, per_run):
         runs[rlvr.run_name(m, s)] = {"config": {"out": str(out)}, "final": {sp: split(*v) for sp, v in final.items()},
                                      "base": {sp: split(0.1, 0.5, 0.4) for sp in final}}
     base = {sp: {"exact_pass@1": {"mean": 0.1}} for sp in ("train", "test")}
-    return {"methods": methods, "seeds": seeds, "runs": runs, "config": {"eval_n": 8}, "summary": {"base": base}}
+    return {"methods": methods, "seeds": seeds, "runs": runs, "config": {"eval_n": n}, "summary": {"base": base}}
 
 
 def test_frontier_points_and_gaps_are_paired_by_seed_on_the_right_splits(tmp_path):
@@ -1306,16 +1310,17 @@ def test_the_checkpoint_is_chosen_on_val_and_reported_on_test(tmp_path):
                    for k, v in val8[s].items()}
         return {"train": (0.5, 0.5, 0.5), "val": (0.1, 0.2, 0.3), "test": (0.1, 0.2, 0.3)}, records
 
-    chosen = rlvr.chosen_checkpoints(_fake_results(tmp_path, ["grpo"], [0, 1], per_run))["grpo"]
-    assert chosen["steps"] == [2, 1]
-    assert chosen["test"]["exact_coverage"]["mean"] == pytest.approx(np.mean([0.02, 1.01]))
-    assert chosen["test"]["exact_pass@8"]["mean"] == pytest.approx(np.mean([0.4, 0.3]))
-    assert chosen["train"]["exact_pass@1"]["mean"] == pytest.approx(np.mean([0.2, 0.1]))
+    for n in (8, 4):  # with --eval-n below 8 the choice falls back to exact pass@n
+        chosen = rlvr.chosen_checkpoints(_fake_results(tmp_path / str(n), ["grpo"], [0, 1], per_run, n))["grpo"]
+        assert chosen["steps"] == [2, 1]
+        assert chosen["test"]["exact_coverage"]["mean"] == pytest.approx(np.mean([0.02, 1.01]))
+        assert chosen["test"][f"exact_pass@{n}"]["mean"] == pytest.approx(np.mean([0.4, 0.3]))
+        assert chosen["train"]["exact_pass@1"]["mean"] == pytest.approx(np.mean([0.2, 0.1]))
 
 
 def test_frontier_runs_every_setting_and_refuses_reused_runs_with_other_settings(tmp_path, task_dir):
     families = {"grpo+T": ("grpo", "rollout_temperature", (1.0, 2.0)), "iac+dlc": ("iac+dlc", "dlc_mu", (0.5,)),
-                "grpo steps": ("grpo@eval_every=1", "steps", (2,))}
+                "grpo steps": ("grpo@eval_every=1", "steps", (300,))}  # the trajectory runs --steps (2), not 300
     cfg = tiny_cfg(tmp_path, task_dir, out=str(tmp_path / "fr"), steps=2, eval_split="val")
     report = rlvr.frontier(cfg, [0, 1], jobs=1, families=families)
     results = json.loads((tmp_path / "fr" / "results.json").read_text())
@@ -1323,6 +1328,14 @@ def test_frontier_runs_every_setting_and_refuses_reused_runs_with_other_settings
     assert [len(p) for p in report["points"]["grpo steps"]["train/exact_pass@1"]] == [3, 3]  # base, steps 1, 2
     assert results["runs"]["grpo_rollout_temperature2.0-s1"]["config"]["rollout_temperature"] == 2.0
     assert "| grpo+T | rollout_temperature=2.0 |" in (tmp_path / "fr" / "frontier.md").read_text()
+    assert results["runs"]["grpo_eval_every1_steps2-s0"]["config"]["steps"] == 2
+    assert (tmp_path / "fr" / "frontier.png").exists() == (rlvr.pyplot() is not None)
+    saved = tmp_path / "fr" / "runs" / "iac-dlc_dlc_mu0.5-s0" / "summary.json"  # a run from before a knob existed
+    summary = json.loads(saved.read_text())
+    del summary["config"]["rollout_min_p"]
+    saved.write_text(json.dumps(summary))
+    again = rlvr.compare(dataclasses.replace(cfg, eval_every=0, micro_batch=3), ["iac+dlc@dlc_mu=0.5"], [0, 1])
+    assert again["runs_done_now"] == 0  # a missing knob reads as its default; --micro-batch never changes a sample
     with pytest.raises(rlvr.UserError, match="ran with other settings"):  # a test frontier must not reuse val runs
         rlvr.frontier(dataclasses.replace(cfg, eval_split="test"), [0, 1], jobs=1, families=families)
     with pytest.raises(rlvr.UserError, match="share a run folder"):
