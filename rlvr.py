@@ -30,7 +30,8 @@ Departures from the textbook, each with its reason
     must also stop, which keeps every mode of the exact metrics a finite string.
   * KL to the base is off unless `--method` includes `kl` (TRL's default and DAPO's choice).
   * Log-probs in the loss (old, new and the KL reference's) are taken at the sampling temperature, as TRL and
-    verl do: the ratio then compares the policy with the distribution that really drew the samples.
+    verl do. DLC and `--rollout-min-p` reshape what is drawn; the loss still uses the policy's own log-probs
+    (`--dlc-is-cap` adds a truncated pi/q weight for either).
   * fp32 master weights everywhere, bf16 autocast for the forward passes on GPUs (a bf16 weight cannot hold
     a step of lr 1e-6). `--micro-batch` changes memory use only: each group draws from its own noise stream.
 
@@ -143,7 +144,7 @@ class Config:
     dlc_mu: float = knob(2.0, "DLC strength: sample from z_policy - mu * z_memory (0 = plain policy)")  # see Results
     dlc_min_p: float = knob(0.05, "DLC re-weights only tokens with pi >= min_p * max pi; the rest keep pi (0 = all)")
     # 0 = a decoupled sampler, so modes the policy would not sample keep their credit
-    dlc_is_cap: float = knob(0.0, "truncated importance weight pi/q <= cap for DLC samples (0 = none)")
+    dlc_is_cap: float = knob(0.0, "truncated importance weight pi/q <= cap for samples of DLC's or min-p's q (0: none)")
     mem_width: int = knob(64, "memory network hidden width")
     mem_window: int = knob(4, "memory is trained on the rollouts of the last this many RL steps (FIFO)")
     mem_steps: int = knob(4, "memory Adam steps on the window after every RL step (at least 1)")
@@ -713,7 +714,7 @@ class Batch:
     spans: list[tuple[int, int]]     # micro-batches: [start, end) rows, each a forward/backward of its own
     rewards: torch.Tensor            # [Q, G] verifier rewards
     advantages: torch.Tensor         # [B]
-    old_logp: torch.Tensor           # [B, T] log-probs of the sampling policy (tempered), detached
+    old_logp: torch.Tensor           # [B, T] the policy's log-probs at the sampling temperature, detached
     hidden: torch.Tensor             # [B, T, H] the policy's states at completion positions (the memory's inputs)
     ref_logp: torch.Tensor | None    # [B, T] the base's log-probs, for the KL penalty
     weights: torch.Tensor | None     # [B, T] truncated pi/q importance weights of DLC samples
@@ -762,7 +763,7 @@ def collect_rollouts(cfg: Config, policy, tokenizer, train_set: TaskSet, queries
         with torch.no_grad():
             ref_logp = torch.cat([completion_logprobs(base, rollouts.rows(i, j), temperature=T)[0]
                                   for i, j in spans])
-    if "dlc" in parts and cfg.dlc_is_cap > 0:  # optional correction for sampling from q instead of pi
+    if cfg.dlc_is_cap > 0 and ("dlc" in parts or cfg.rollout_min_p > 0):  # optional: the samples came from q, not pi
         weights = torch.exp(old_logp - rollouts.sample_logp).clamp(max=cfg.dlc_is_cap)
     correct = {a for a, r in zip(answers, rewards.view(-1).tolist()) if r > 0}
     return Batch(rollouts, spans, rewards, advantages, old_logp, hidden, ref_logp, weights, len(correct), new_counts,
@@ -1689,6 +1690,10 @@ def save_run(out: Path, cfg: Config, policy, tokenizer, opt, memory, state: RunS
     save_policy(policy, tokenizer, out / "checkpoint", extra)
 
 
+def tasks_sha(folder: str) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(folder).glob("*.jsonl")))).hexdigest()[:12]
+
+
 def write_summary(out: Path, cfg: Config, state: RunState, final_metrics: dict, warmstart_s: float,
                   device: torch.device) -> dict:
     """summary.json: the config, base and final metrics, timing and the budget spent."""
@@ -1697,7 +1702,8 @@ def write_summary(out: Path, cfg: Config, state: RunState, final_metrics: dict, 
                           "rl_step_s": round(state.rl_s / max(cfg.steps, 1), 4)},
                "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size,
                           "generated_tokens": state.tokens, "skipped_updates": state.skipped_updates},
-               "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}  # which rlvr.py made it
+               "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12],  # which rlvr.py made it
+               "tasks_sha": tasks_sha(cfg.tasks)}  # which questions: compare reuses a run only on the same
     if device.type == "cuda":
         summary["timing"]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     write_json(out / "summary.json", summary)
@@ -1835,8 +1841,9 @@ T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228] 
 def mean_ci(values: list[float]) -> dict:
     """Mean and the half-width of its 95% confidence interval (Student t over seeds)."""
     v = np.asarray(values, dtype=float)
-    half = 0.0 if len(v) < 2 else (T_975[len(v) - 2] if len(v) <= 11 else 1.96) * v.std(ddof=1) / math.sqrt(len(v))
-    return {"mean": float(v.mean()), "ci95": float(half), "n": len(v)}
+    df = len(v) - 1  # beyond df 10: the t quantile's series in 1/df (Cornish-Fisher), within 0.001
+    t = T_975[df - 1] if df <= 10 else 1.95996 + 2.37227 / df + 2.8225 / df**2 + 2.55585 / df**3
+    return {"mean": float(v.mean()), "ci95": float(t * v.std(ddof=1) / math.sqrt(len(v))) if df else 0.0, "n": len(v)}
 
 
 def eval_records(run: dict) -> dict[int, dict]:
@@ -1853,8 +1860,7 @@ def flat_metrics(m: dict) -> dict[str, float]:
 
 
 def _run_one(job: tuple[dict, str]) -> str:
-    cfg_dict, kind = job
-    cfg = Config(**cfg_dict)
+    cfg, kind = Config(**job[0]), job[1]
     if kind == "base":
         tokenizer = load_tokenizer(model_path(cfg))
         get_base(cfg, TaskSet.build(load_tasks(cfg.tasks, "train"), tokenizer), tokenizer, pick_device(cfg.device))
@@ -1871,7 +1877,7 @@ def run_name(method: str, seed: int) -> str:
 SHARED_KNOBS = {"method", "seed", "out", "threads", "device", "tasks", "model", "cache_dir", "base_seed", "n_embd",
                 "n_layer", "n_head", "ws_steps", "ws_batch", "ws_lr", "eval_n", "eval_split", "temperature",
                 "max_new_tokens"}
-RUN_ONLY = {"out", "threads", "cache_dir", "tasks", "micro_batch", "eval_batch", "save_every"}  # never change a sample
+RUN_ONLY = {"out", "threads", "cache_dir", "tasks", "micro_batch", "save_every"}  # never change a sample (tasks: hash)
 
 
 def variant_config(cfg: Config, variant: str) -> Config:
@@ -1905,16 +1911,19 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
     threads = cfg.threads or max(1, min(4, (os.cpu_count() or 1) // jobs))
     cfgs = {(m, s): dataclasses.replace(variant_config(cfg, m), seed=s, threads=threads,
                                         out=str(out / "runs" / run_name(m, s))) for s in seeds for m in methods}
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds {','.join(map(str, seeds))}: a repeated seed would count one run twice")
     if len({run_name(m, 0) for m in methods}) < len(methods):
         raise UserError("two --methods share a run folder name: spell each variant differently")
     todo = [c for c in cfgs.values() if not (Path(c.out) / "summary.json").exists()]  # resumable
     for c in [c for c in cfgs.values() if c not in todo]:  # a finished run is reused only with the same settings
-        saved = json.loads((Path(c.out) / "summary.json").read_text()).get("config", {})  # a knob added later: off
-        differ = [k for k, v in dataclasses.asdict(c).items()
-                  if k not in RUN_ONLY and saved.get(k, getattr(Config, k)) != v]
+        summary, now = json.loads((Path(c.out) / "summary.json").read_text()), dataclasses.asdict(c)
+        saved = summary["config"] | {"tasks_sha": summary.get("tasks_sha", tasks_sha(c.tasks))}  # older: unchecked
+        differ = [k for k, v in (now | {"tasks_sha": tasks_sha(c.tasks)}).items()  # a knob added later: its default
+                  if k not in RUN_ONLY and saved.get(k, getattr(Config, k, None)) != v]
         if differ:
             raise UserError(f"{c.out} ran with other settings ({differ[0]}={saved.get(differ[0])!r}, not "
-                            f"{getattr(c, differ[0])!r}): compare into a new --out")
+                            f"{now.get(differ[0], tasks_sha(c.tasks))!r}): compare into a new --out")
     print(f"compare: {len(cfgs)} runs, {len(cfgs) - len(todo)} already finished, {jobs} parallel job(s)")
     base_seeds = sorted({warmstart_seed(dataclasses.replace(cfg, seed=s)) for s in seeds})
     bases = [(dataclasses.asdict(dataclasses.replace(cfg, seed=s, base_seed=s, threads=threads)), "base")
@@ -2189,22 +2198,22 @@ def frontier(cfg: Config, seeds: list[int], jobs: int = 1, families: dict | None
 def frontier_report(report: dict, results: dict) -> str:
     """frontier.md: every point (mean +- 95% CI over seeds), then IAC+DLC's height above each curve."""
     held, n = report["held"], results["config"]["eval_n"]
-    cell = lambda v, sign="", n=True: "-" if v is None else f"{v['mean']:{sign}.3f}" + (  # noqa: E731
-        f" +- {v['ci95']:.3f}" if v["n"] > 1 else "") + (f" ({v['n']})" if n else "")  # one seed: no interval
+    cell = lambda v, sign="", seeds=True: "-" if v is None else f"{v['mean']:{sign}.3f}" + (  # noqa: E731
+        f" +- {v['ci95']:.3f}" if v["n"] > 1 else "") + (f" ({v['n']})" if seeds else "")  # one seed: no interval
     text = (f"Frontiers on {held}: mean +- 95% CI over seeds {report['seeds']}; exact metrics.\n\n"
             f"| family | setting | train pass@1 | {held} pass@1 | {held} coverage | {held} pass@{n} |\n"
             "|---|---|---|---|---|---|\n")
     for family, names in report["variants"].items():
         for name in names:
             m = results["summary"][name]
-            row = [m["train"]["exact_pass@1"]] + [m[held][k] for k in ("exact_pass@1", "exact_coverage",
-                                                                        f"exact_pass@{n}")]
-            text += f"| {family} | {name.split('@')[-1]} | " + " | ".join(cell(v, n=False) for v in row) + " |\n"
+            row = [m["train"]["exact_pass@1"]] + [m[held][f"exact_{k}"] for k in ("pass@1", "coverage", f"pass@{n}")]
+            text += f"| {family} | {name.split('@')[-1]} | " + " | ".join(cell(v, seeds=False) for v in row) + " |\n"
     settings = [name.split("@")[-1] for name in report["variants"].get(REFERENCE, [])]
     for axis in ("/".join(a) for a in AXES):
         for height in ("held/" + h for h in HEIGHTS):
             text += (f"\n*{REFERENCE} minus each curve, at the same {axis.replace('held', held)} (interpolated, "
-                     f"paired by seed; (k): seeds inside the curve's range): {height.replace('held', held)}*\n\n"
+                     f"paired by seed; (k): seeds inside the curve's range): "
+                     f"{height.replace('held', held).replace('@n', f'@{n}')}*\n\n"
                      f"| curve | " + " | ".join(settings) + " |\n" + "|---" * (len(settings) + 1) + "|\n")
             text += "".join(f"| {family} | " + " | ".join(cell(v, "+") for v in by_axis[axis][height]) + " |\n"
                             for family, by_axis in report["gaps"].items())
