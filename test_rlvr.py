@@ -1,6 +1,7 @@
 """Tests for rlvr.py. Run: python -m pytest -q  (about a minute on 2 CPU cores)."""
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -290,7 +291,9 @@ def test_end_to_end_writes_summary(tmp_path, task_dir):
     summary = rlvr.train(cfg)
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    assert set(on_disk) == {"config", "base", "final", "timing", "budget"}
+    assert set(on_disk) == {"config", "base", "final", "timing", "budget", "code", "tasks_sha"}
+    assert on_disk["code"] == hashlib.sha256(Path(rlvr.__file__).read_bytes()).hexdigest()[:12]
+    assert on_disk["tasks_sha"] == rlvr.tasks_sha(cfg.tasks) and len(on_disk["tasks_sha"]) >= 12
     assert on_disk["budget"]["rollouts"] == cfg.steps * cfg.queries_per_step * cfg.group_size
     assert set(on_disk["timing"]) >= {"warmstart_s", "rl_s", "rl_step_s"}
     for stage in ("base", "final"):
