@@ -1690,8 +1690,13 @@ def save_run(out: Path, cfg: Config, policy, tokenizer, opt, memory, state: RunS
     save_policy(policy, tokenizer, out / "checkpoint", extra)
 
 
-def tasks_sha(folder: str) -> str:
-    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(folder).glob("*.jsonl")))).hexdigest()[:12]
+def tasks_sha(folder: str) -> str:  # each file's name with its content: moving a line between splits changes it
+    return hashlib.sha256(b"".join(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest()
+                                   for p in sorted(Path(folder).glob("*.jsonl")))).hexdigest()[:12]
+
+
+def code_sha() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
 def write_summary(out: Path, cfg: Config, state: RunState, final_metrics: dict, warmstart_s: float,
@@ -1699,10 +1704,10 @@ def write_summary(out: Path, cfg: Config, state: RunState, final_metrics: dict, 
     """summary.json: the config, base and final metrics, timing and the budget spent."""
     summary = {"config": dataclasses.asdict(cfg), "base": state.base_metrics, "final": final_metrics,
                "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(state.rl_s, 3),
-                          "rl_step_s": round(state.rl_s / max(cfg.steps, 1), 4)},
+                          "rl_step_s": round(state.rl_s / max(cfg.steps, 1), 4), "device": device.type},
                "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size,
                           "generated_tokens": state.tokens, "skipped_updates": state.skipped_updates},
-               "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12],  # which rlvr.py made it
+               "code": code_sha(),  # which rlvr.py made it
                "tasks_sha": tasks_sha(cfg.tasks)}  # which questions: compare reuses a run only on the same
     if device.type == "cuda":
         summary["timing"]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -1916,8 +1921,11 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
     if len({run_name(m, 0) for m in methods}) < len(methods):
         raise UserError("two --methods share a run folder name: spell each variant differently")
     todo = [c for c in cfgs.values() if not (Path(c.out) / "summary.json").exists()]  # resumable
+    made_elsewhere = 0  # another rlvr.py or device: warned, not refused (a comment edit changes the code hash)
     for c in [c for c in cfgs.values() if c not in todo]:  # a finished run is reused only with the same settings
         summary, now = json.loads((Path(c.out) / "summary.json").read_text()), dataclasses.asdict(c)
+        made_elsewhere += (summary.get("code") != code_sha()
+                           or summary["timing"].get("device", "cpu") != pick_device(c.device).type)
         saved = summary["config"] | {"tasks_sha": summary.get("tasks_sha", tasks_sha(c.tasks))}  # older: unchecked
         differ = [k for k, v in (now | {"tasks_sha": tasks_sha(c.tasks)}).items()  # a knob added later: its default
                   if k not in RUN_ONLY and saved.get(k, getattr(Config, k, None)) != v]
@@ -1925,6 +1933,9 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
             raise UserError(f"{c.out} ran with other settings ({differ[0]}={saved.get(differ[0])!r}, not "
                             f"{now.get(differ[0], tasks_sha(c.tasks))!r}): compare into a new --out")
     print(f"compare: {len(cfgs)} runs, {len(cfgs) - len(todo)} already finished, {jobs} parallel job(s)")
+    if made_elsewhere:
+        print(f"compare: {made_elsewhere} reused run(s) were made by another rlvr.py or device; "
+              "delete their folders to rerun them")
     base_seeds = sorted({warmstart_seed(dataclasses.replace(cfg, seed=s)) for s in seeds})
     bases = [(dataclasses.asdict(dataclasses.replace(cfg, seed=s, base_seed=s, threads=threads)), "base")
              for s in base_seeds]
