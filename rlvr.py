@@ -1699,16 +1699,24 @@ def code_sha() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
+def platform_id(device: torch.device) -> str:
+    """Float results depend on the kernels, which depend on torch and the chip (two CPUs of one capability differ)."""
+    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
+    cpuinfo = Path("/proc/cpuinfo").read_text() if device.type == "cpu" and Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    return f"torch {torch.__version__} {chip} {model}".strip()
+
+
 def write_summary(out: Path, cfg: Config, state: RunState, final_metrics: dict, warmstart_s: float,
                   device: torch.device) -> dict:
     """summary.json: the config, base and final metrics, timing and the budget spent."""
     summary = {"config": dataclasses.asdict(cfg), "base": state.base_metrics, "final": final_metrics,
                "timing": {"warmstart_s": round(warmstart_s, 3), "rl_s": round(state.rl_s, 3),
-                          "rl_step_s": round(state.rl_s / max(cfg.steps, 1), 4), "device": device.type},
+                          "rl_step_s": round(state.rl_s / max(cfg.steps, 1), 4)},
                "budget": {"rollouts": cfg.steps * cfg.queries_per_step * cfg.group_size,
                           "generated_tokens": state.tokens, "skipped_updates": state.skipped_updates},
-               "code": code_sha(),  # which rlvr.py made it
-               "tasks_sha": tasks_sha(cfg.tasks)}  # which questions: compare reuses a run only on the same
+               "code": code_sha(), "platform": platform_id(device),  # which rlvr.py made it, where
+               "task_files_sha": tasks_sha(cfg.tasks)}  # which questions: compare reuses a run only on the same
     if device.type == "cuda":
         summary["timing"]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     write_json(out / "summary.json", summary)
@@ -1921,21 +1929,22 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
     if len({run_name(m, 0) for m in methods}) < len(methods):
         raise UserError("two --methods share a run folder name: spell each variant differently")
     todo = [c for c in cfgs.values() if not (Path(c.out) / "summary.json").exists()]  # resumable
-    made_elsewhere = 0  # another rlvr.py or device: warned, not refused (a comment edit changes the code hash)
+    made_elsewhere = []  # another rlvr.py or platform: warned, not refused (a comment edit changes the code hash)
     for c in [c for c in cfgs.values() if c not in todo]:  # a finished run is reused only with the same settings
         summary, now = json.loads((Path(c.out) / "summary.json").read_text()), dataclasses.asdict(c)
-        made_elsewhere += (summary.get("code") != code_sha()
-                           or summary["timing"].get("device", "cpu") != pick_device(c.device).type)
-        saved = summary["config"] | {"tasks_sha": summary.get("tasks_sha", tasks_sha(c.tasks))}  # older: unchecked
-        differ = [k for k, v in (now | {"tasks_sha": tasks_sha(c.tasks)}).items()  # a knob added later: its default
+        if (summary.get("code"), summary.get("platform")) != (code_sha(), platform_id(pick_device(c.device))):
+            made_elsewhere.append(Path(c.out).name)
+        # an older summary's questions go unchecked; a knob added later reads as its default
+        saved = summary["config"] | {"task_files_sha": summary.get("task_files_sha", tasks_sha(c.tasks))}
+        differ = [k for k, v in (now | {"task_files_sha": tasks_sha(c.tasks)}).items()
                   if k not in RUN_ONLY and saved.get(k, getattr(Config, k, None)) != v]
         if differ:
             raise UserError(f"{c.out} ran with other settings ({differ[0]}={saved.get(differ[0])!r}, not "
                             f"{now.get(differ[0], tasks_sha(c.tasks))!r}): compare into a new --out")
     print(f"compare: {len(cfgs)} runs, {len(cfgs) - len(todo)} already finished, {jobs} parallel job(s)")
     if made_elsewhere:
-        print(f"compare: {made_elsewhere} reused run(s) were made by another rlvr.py or device; "
-              "delete their folders to rerun them")
+        print(f"compare: {len(made_elsewhere)} reused run(s) were made by another rlvr.py or platform "
+              f"({', '.join(made_elsewhere[:3])}{', ...' if len(made_elsewhere) > 3 else ''}); delete them to rerun")
     base_seeds = sorted({warmstart_seed(dataclasses.replace(cfg, seed=s)) for s in seeds})
     bases = [(dataclasses.asdict(dataclasses.replace(cfg, seed=s, base_seed=s, threads=threads)), "base")
              for s in base_seeds]
