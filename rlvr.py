@@ -1935,12 +1935,13 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
         if (summary.get("code"), summary.get("platform")) != (code_sha(), platform_id(pick_device(c.device))):
             made_elsewhere.append(Path(c.out).name)
         # an older summary's questions go unchecked; a knob added later reads as its default
-        saved = summary["config"] | {"task_files_sha": summary.get("task_files_sha", tasks_sha(c.tasks))}
-        differ = [k for k, v in (now | {"task_files_sha": tasks_sha(c.tasks)}).items()
+        now["task_files_sha"] = tasks_sha(c.tasks)
+        saved = summary["config"] | {"task_files_sha": summary.get("task_files_sha", now["task_files_sha"])}
+        differ = [k for k, v in now.items()
                   if k not in RUN_ONLY and saved.get(k, getattr(Config, k, None)) != v]
         if differ:
             raise UserError(f"{c.out} ran with other settings ({differ[0]}={saved.get(differ[0])!r}, not "
-                            f"{now.get(differ[0], tasks_sha(c.tasks))!r}): compare into a new --out")
+                            f"{now[differ[0]]!r}): compare into a new --out")
     print(f"compare: {len(cfgs)} runs, {len(cfgs) - len(todo)} already finished, {jobs} parallel job(s)")
     if made_elsewhere:
         print(f"compare: {len(made_elsewhere)} reused run(s) were made by another rlvr.py or platform "

@@ -1134,8 +1134,8 @@ FILE_BUDGET = 2605  # every feature kept (frontiers and the long budget added 23
 # A fixed-seed fingerprint: short runs (the demo's defaults, 5 steps, 16 samples per query; the third run takes the
 # other code paths: micro-batches, two PPO epochs, KL, entropy bonus, outcome counts, temperature 0.8), recorded from
 # the code before the three-part restructuring. A refactor must leave every number as it is; a change meant to alter
-# behaviour updates them, saying why. Float results depend on the CPU's kernels, so the numbers are checked only on
-# the platform they were recorded on (this project's CI machine) and the test is skipped elsewhere.
+# behaviour updates them, saying why. Float results depend on the CPU's kernels, so the numbers are checked only with
+# the torch and CPU capability they were recorded with (CI's), and the test is skipped elsewhere; see FINGERPRINT_AMD.
 FINGERPRINT_PLATFORM = "2.13.0+cpu AVX512"
 FINGERPRINT = {
     "grpo": {
