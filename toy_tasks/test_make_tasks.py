@@ -1,0 +1,30 @@
+"""Tests for make_tasks.py: the committed task files are its output, and its splits stay apart."""
+import pytest
+
+import rlvr
+from make_tasks import make_tasks
+
+TOY = rlvr.HERE / "toy_tasks"
+
+
+def test_committed_task_files_are_the_generator_output(tmp_path):
+    make_tasks(tmp_path, seed=0)
+    for folder in ("", "word_problems", "small_lm"):
+        for split in ("train", "val", "test"):
+            path = f"{folder}/{split}.jsonl".lstrip("/")
+            assert (tmp_path / path).read_text() == (TOY / path).read_text(), path
+    prompts = {s: {t["prompt"] for t in rlvr.load_tasks(tmp_path, s)} for s in ("train", "val", "test")}
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"]
+    assert not prompts["val"] & prompts["test"]
+    for t in rlvr.load_tasks(tmp_path, "train"):
+        assert t["num_solutions"] == len(rlvr.enumerate_solutions(t)) >= 3
+
+
+@pytest.mark.parametrize("n_val", [40, 10])
+def test_validation_size_never_moves_train_or_test(tmp_path, n_val):
+    make_tasks(tmp_path, seed=0, countdown=(48, n_val, 48))
+    assert len(rlvr.load_tasks(tmp_path, "val")) == 4 + n_val < len(rlvr.load_tasks(TOY, "val"))
+    for split in ("train", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_text() == (TOY / f"{split}.jsonl").read_text()
+    small = (tmp_path / "val.jsonl").read_text().splitlines()
+    assert (TOY / "val.jsonl").read_text().splitlines()[:len(small)] == small
