@@ -61,10 +61,10 @@ class Config:
     seed: int = knob(0, "RL and evaluation seed (the warm-start uses --base-seed)")
     method: str = knob("grpo", "an estimator + modifiers, e.g. grpo, iac+dlc, rloo+kl")
     device: str = knob("auto", "auto (cuda if available), cpu or cuda")
-    threads: int = knob(0, "CPU threads (0: all cores, at most 4: tiny models gain nothing from more)")
+    threads: int = knob(0, "CPU threads (0: all cores up to 4, which tiny models need no more than)")
     # policy
-    model: str = knob("", "a Hugging Face causal LM (folder or hub name); empty: the built-in GPT-2")
-    grad_checkpointing: bool = knob(False, "recompute activations in the backward pass (less memory)")
+    model: str = knob("", "a Hugging Face causal LM (folder or hub name) for the built-in GPT-2")
+    grad_checkpointing: bool = knob(False, "recompute activations in the backward pass")
     n_embd: int = knob(64, "built-in GPT-2: hidden size")
     n_layer: int = knob(2, "built-in GPT-2: layers")
     n_head: int = knob(4, "built-in GPT-2: attention heads")
@@ -72,26 +72,24 @@ class Config:
     ws_steps: int = knob(300, "warm-start SFT steps")
     ws_batch: int = knob(128, "warm-start sequences per step")
     ws_lr: float = knob(3e-3, "warm-start learning rate")
-    base_seed: int = knob(0, "warm-start seed (-1: --seed); fixed, every method and seed start from one base")
+    base_seed: int = knob(0, "warm-start seed: one base for every method and RL seed")
     cache_dir: str = knob(str(HERE / ".cache"), "cache of warm-started bases")
     # RL
     steps: int = knob(300, "RL steps")
     queries_per_step: int = knob(16, "training queries per RL step")
     group_size: int = knob(8, "completions per query (G)")
-    lr: float = knob(3e-4, "RL learning rate (AdamW; no weight decay: it pulls to 0, not to the base)")
-    clip_eps: float = knob(0.2, "PPO clip epsilon")
-    micro_batch: int = knob(0, "sequences per forward/backward (0: auto); never changes a sample")
-    ppo_epochs: int = knob(1, "updates per batch (1: on-policy, the PPO ratio is 1)")
-    max_grad_norm: float = knob(1.0, "gradient clipping norm")
+    lr: float = knob(3e-4, "RL learning rate (AdamW, no weight decay)")
+    micro_batch: int = knob(0, "sequences per forward/backward (0: auto)")
+    ppo_epochs: int = knob(1, "updates per batch (1: the PPO ratio is 1)")
     temperature: float = knob(1.0, "sampling temperature (rollouts, loss, evaluation)")
     # exploration knobs for any method; evaluation samples the plain policy at --temperature
-    rollout_temperature: float = knob(0.0, "training rollouts' and the loss's temperature (0: --temperature)")
-    rollout_min_p: float = knob(0.0, "training rollouts drop tokens with p < min_p * max p (at temperature 1)")
+    rollout_temperature: float = knob(0.0, "rollouts' and loss's temperature in training (0: --temperature)")
+    rollout_min_p: float = knob(0.0, "training rollouts drop tokens with p < min_p max p (at temperature 1)")
     max_new_tokens: int = knob(8, "longest completion, EOS included")
     # the paper's calibrations, used when --method names them
     iac_alpha: float = knob(1.0, "IAC: successes' advantages x (G - #correct)^alpha")  # the paper's 1
     dlc_mu: float = knob(2.0, "DLC: sample from z_policy - mu * z_memory")  # chosen on val
-    dlc_min_p: float = knob(0.05, "DLC re-weights only tokens with pi >= min_p * max pi (0: all)")
+    dlc_min_p: float = knob(0.05, "DLC re-weights only tokens with pi >= min_p max pi (0: all)")
     dlc_is_cap: float = knob(0.0, "importance weight min(pi/q, cap) on DLC or min-p samples (0: none)")
     mem_width: int = knob(64, "memory network width")
     mem_window: int = knob(4, "memory trained on the last this many steps' rollouts")
@@ -108,13 +106,9 @@ class Config:
     # evaluation
     eval_n: int = knob(64, "samples per query for the sampled metrics")
     eval_every: int = knob(50, "evaluate every this many steps (0: at the end only)")
-    save_every: int = knob(50, "checkpoint every this many steps (0: at the end and on Ctrl-C)")
-    eval_split: str = knob("test", "held-out split(s) beside train: test to report, val to tune, or val,test")
+    save_every: int = knob(50, "checkpoint every this many steps (0: at the end, on Ctrl-C)")
+    eval_split: str = knob("test", "held-out split(s): test to report, val to tune, or val,test")
     eval_batch: int = knob(2048, "sequences per batched evaluation call")
-
-    @property
-    def warmstart_seed(self):
-        return self.seed if self.base_seed < 0 else self.base_seed
 
 def progress(iterable, desc, leave=True, **kwargs):
     """Live on a terminal, a line every 30 s in logs and notebooks."""
@@ -467,8 +461,8 @@ def inverse_success_calibration(advantages, rewards, alpha=1.0):
 
     A hard query's rare success (1 of 8) is amplified x7, an easy query's (7 of 8) x1, so easy queries' dominant
     answers, whose push spreads through shared parameters, stop driving the update. G = 4, rewards [1, 0, 0, 0]:
-    GRPO [1.5, -0.5, -0.5, -0.5], IAC [4.5, -0.5, -0.5, -0.5]. Project's choice: a group without failures gets no
-    push at all, even when a reward shaping (unlikely, count) gave it advantages of both signs."""
+    GRPO [1.5, -0.5, -0.5, -0.5], IAC [4.5, -0.5, -0.5, -0.5]. Project's choice: with alpha > 0 a group without
+    failures gets no push at all, even when a reward shaping (unlikely, count) gave it advantages of both signs."""
     failures = rewards.shape[1] - (rewards > 0).sum(dim=1, keepdim=True)
     factor = failures.to(advantages.dtype) ** alpha
     calibrated = torch.where((advantages > 0) & (rewards > 0), advantages * factor, advantages)
@@ -533,7 +527,7 @@ def ppo_clip_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None,
                   entropy_coef=0.0, weights=None, norm=None):
     """Token-level PPO-clip surrogate, k3 KL, entropy bonus: (loss, metrics). logp, old_logp, ref_logp, entropy,
     weights, mask: [B, T]; advantages: [B]. norm: the token sums' divisor (Dr. GRPO's constant, or the whole batch's
-    count). weights (pi/q) touch only the policy-gradient term: KL and entropy regularise pi whoever sampled."""
+    count). weights (pi/q) touch only the policy-gradient term; KL and entropy are taken on the tokens as sampled."""
     mask = mask.float()
     n_tokens = mask.sum().clamp(min=1)
     denom = n_tokens if norm is None else torch.tensor(float(norm), device=mask.device)
@@ -571,7 +565,8 @@ def parse_method(method):
     return bases[0] if bases else "grpo", set(parts) - set(bases)
 
 def compute_advantages(cfg, rewards, seq_logp, answers, outcome_counts):
-    """A method's parts in order: reward shaping -> base estimator -> advantage scaling -> IAC. All [Q, G]."""
+    """A method's parts in order: reward shaping -> estimator -> scaling -> IAC, all [Q, G]. (count adds this batch
+    to outcome_counts.)"""
     estimator, parts = parse_method(cfg.method)
     shaped = rewards
     for name in [p for p in SHAPINGS if p in parts]:
@@ -653,7 +648,7 @@ def update_policy(cfg, policy, opt, batch):
                 logp, entropy, _ = completion_logprobs(policy, batch.rollouts.rows(i, j), with_entropy=True,
                                                        temperature=cfg.rollout_temperature or cfg.temperature)
             part_loss, metrics = ppo_clip_loss(
-                logp, batch.old_logp[i:j], batch.advantages[i:j], mask[i:j], clip_eps=cfg.clip_eps,
+                logp, batch.old_logp[i:j], batch.advantages[i:j], mask[i:j],
                 ref_logp=None if batch.ref_logp is None else batch.ref_logp[i:j], kl_coef=cfg.kl_coef,
                 entropy=entropy, entropy_coef=cfg.entropy_coef if "entropy" in parts else 0.0,
                 weights=None if batch.weights is None else batch.weights[i:j], norm=denom)
@@ -663,7 +658,7 @@ def update_policy(cfg, policy, opt, batch):
             clip_frac += metrics["clip_frac"] * part_tokens
             kl += metrics.get("kl", 0.0) * part_tokens
             entropy_sum += (entropy.detach() * mask[i:j]).sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)  # the usual PPO clip, as is eps 0.2
         if math.isfinite(loss) and torch.isfinite(grad_norm):  # never let a NaN into the weights
             opt.step()
         else:
@@ -750,8 +745,8 @@ def evaluate(model, tokenizer, taskset, n, temperature, max_new_tokens, seed, ba
 # -- Warm-start: the diverse base
 def warm_start(cfg, train, tokenizer, device):
     """SFT on a uniformly chosen training query and one of its correct answers, uniformly chosen."""
-    torch.manual_seed(cfg.warmstart_seed)
-    rng = random.Random(cfg.warmstart_seed)
+    torch.manual_seed(cfg.base_seed)
+    rng = random.Random(cfg.base_seed)
     model = build_policy(cfg, tokenizer).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.ws_lr, weight_decay=0.01)
     warmup_cosine = lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.ws_steps))  # noqa: E731
@@ -843,7 +838,7 @@ def check_task(task, where):
     kind = task.get("type")
     if kind not in TASK_TYPES:
         raise UserError(f"{where}: unknown task type {kind!r} (known: {', '.join(TASK_TYPES)})")
-    for name, typ in {"prompt": str, **TASK_TYPES[kind].fields}.items():
+    for name, typ in {"id": str, "prompt": str, **TASK_TYPES[kind].fields}.items():
         if name not in task:
             raise UserError(f"{where}: {kind} task is missing field {name!r}")
         if not isinstance(task[name], typ) or isinstance(task[name], bool):
@@ -871,8 +866,8 @@ def load_tasks(folder, split):
                     raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
                 check_task(task, f"{path}:{lineno}")
                 tasks.append(task)
-    if not tasks:
-        raise UserError(f"{path}: no tasks in file")
+    if len({t["id"] for t in tasks}) < len(tasks) or not tasks:
+        raise UserError(f"{path}: " + ("task ids repeat" if tasks else "no tasks in file"))
     return tasks
 
 def validate_config(cfg):
@@ -889,13 +884,13 @@ def validate_config(cfg):
                                                                   "save_every", "threads", "dlc_is_cap",
                                                                   "rollout_temperature")],
         *[(k, getattr(cfg, k) > 0, "positive", None) for k in ("lr", "ws_lr", "temperature")],
-        *[(k, 0 <= getattr(cfg, k) < 1, "in [0, 1)", None) for k in ("rollout_min_p", "clip_eps")],
+        ("rollout_min_p", 0 <= cfg.rollout_min_p < 1, "in [0, 1)", None),
         ("eval_split", cfg.eval_split in ("val", "test", "val,test"), "val, test or val,test", None),
         ("device", cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), "auto, cpu or cuda[:N]", None),
-        ("dlc_mu", 0 <= cfg.dlc_mu <= 2, "in [0, 2] (mu > 1 already samples against the policy's ranking)", "dlc"),
+        ("dlc_mu", 0 <= cfg.dlc_mu <= 2, "in [0, 2]", "dlc"),
         ("dlc_min_p", 0 <= cfg.dlc_min_p < 1, "in [0, 1)", "dlc"), ("mem_lr", cfg.mem_lr > 0, "positive", "dlc"),
         *[(k, getattr(cfg, k) >= 1, "at least 1", "dlc") for k in ("mem_window", "mem_steps", "mem_width")],
-        ("passk_k", 1 <= cfg.passk_k <= cfg.group_size, f"in 1..group size ({cfg.group_size})", "passk"),
+        ("passk_k", 1 <= cfg.passk_k < cfg.group_size, f"in 1..{cfg.group_size - 1} (k = G credits nothing)", "passk"),
         *[(k, getattr(cfg, k) >= 0, "at least 0", p) for k, p in (("iac_alpha", "iac"), ("kl_coef", "kl"),
                                                                   ("entropy_coef", "entropy"))]]
     for name, ok, must, part in rules:
@@ -961,8 +956,9 @@ def get_base(cfg, train, tokenizer, device):
     """(path of the base, seconds spent warm-starting it): --model, or the cache keyed by what shapes the base."""
     if cfg.model:
         return cfg.model, 0.0
-    shape = ("n_embd", "n_layer", "n_head", "ws_steps", "ws_batch", "ws_lr", "warmstart_seed")
-    blob = json.dumps([[getattr(cfg, k) for k in shape], train.tasks, TINY_ATTENTION, transformers.__version__[0]])
+    shape = ("n_embd", "n_layer", "n_head", "ws_steps", "ws_batch", "ws_lr", "base_seed")
+    blob = json.dumps([[getattr(cfg, k) for k in shape], train.tasks, TINY_ATTENTION, transformers.__version__.split(
+        ".")[0]], sort_keys=True)
     path = Path(cfg.cache_dir) / f"base-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     if (path / "config.json").exists():
         return path, 0.0
@@ -1028,7 +1024,7 @@ def load_run(out):
     saved = torch.load(path, map_location="cpu", weights_only=False)
     gone = sorted(set(saved.get("config", {})) - {f.name for f in dataclasses.fields(Config)})
     if "state" not in saved or gone:
-        raise UserError(f"--resume {out}: written by an older rlvr.py ({', '.join(gone)}); resume it with that one")
+        raise UserError(f"--resume {out}: made by an older rlvr.py ({', '.join(gone) or 'no state'}): resume it there")
     return saved | {"config": Config(**saved["config"] | {"out": str(out)})}
 
 def restore_run(saved, cfg, device):
@@ -1114,10 +1110,11 @@ def train(cfg, resume=False, micro_batch_now=None):
                 stats = rl_step(cfg, policy, tokenizer, opt, splits["train"], queries, state.sampler, base, memory,
                                 state.outcome_counts)
             except torch.cuda.OutOfMemoryError:
-                smaller = max(1, micro_batch(cfg, policy, cfg.queries_per_step * cfg.group_size) // 2)
+                smaller = micro_batch(cfg, policy, cfg.queries_per_step * cfg.group_size) // 2
                 how = (f"continue from step {saved_at}: python rlvr.py train --resume {out} --micro-batch {smaller}"
-                       if saved_at else f"no checkpoint yet: rerun with --micro-batch {smaller}")
-                raise UserError(f"out of GPU memory at step {step}; {how} (same samples, less memory)") from None
+                       if saved_at else f"no checkpoint yet: rerun with --micro-batch {smaller}") + " (same samples)"
+                raise UserError(f"out of GPU memory at step {step}; " + (how if smaller else "even --micro-batch 1: "
+                                "use a smaller model or --mem-window")) from None
             state.step, state.rl_s = step, state.rl_s + time.perf_counter() - t0
             state.tokens += stats["tokens"]
             state.skipped_updates += stats["skipped_updates"]
@@ -1176,7 +1173,7 @@ def demo(cfg):
 
 def config_parser(prog):
     """One --flag per Config knob (the lab's scripts build on it too)."""
-    parser = argparse.ArgumentParser(prog=prog)
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -1197,14 +1194,16 @@ def main(argv=None):
     p = config_parser("rlvr.py" if cmd == "demo" else "rlvr.py train")
     p.set_defaults(out=f"runs/{cmd}")
     if cmd == "train":
-        p.add_argument("--resume", metavar="DIR", help="continue DIR's run with its saved config (and --micro-batch)")
+        p.add_argument("--resume", metavar="DIR", help="continue DIR's run (its config; --micro-batch may change)")
     args = p.parse_args(argv if cmd == "demo" else argv[1:])
     cfg = config_from(args)
     if cmd == "demo":
         return demo(cfg)
-    given = any(a.split("=")[0] == "--micro-batch" for a in argv)  # on resume, a --micro-batch given counts
+    flags = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if args.resume and (other := flags - {"--resume", "--micro-batch"}):
+        raise UserError(f"--resume DIR runs DIR's saved config: {', '.join(sorted(other))} cannot change")
     summary = train(dataclasses.replace(cfg, out=args.resume or cfg.out), resume=bool(args.resume),
-                    micro_batch_now=cfg.micro_batch if given else None)
+                    micro_batch_now=cfg.micro_batch if "--micro-batch" in flags else None)
     print(results_table({"base": summary["base"], summary["config"]["method"]: summary["final"]},
                         list(summary["base"])))
 

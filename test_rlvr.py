@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import subprocess
+import symtable
 import sys
 import time
 import types
@@ -83,46 +84,48 @@ def test_the_file_stays_minimal():
     lines = SOURCE.splitlines()
     assert len(lines) <= 1250 and len(SOURCE.encode()) <= 75_000, (len(lines), len(SOURCE.encode()))
     assert not [i for i, line in enumerate(lines, 1) if len(line) > 120]
-    assert not [line for line in lines if line.lstrip().startswith(("import toy_tasks", "from toy_tasks"))]
+    lab = {"toy_tasks"} | {p.stem for p in TOY.glob("*.py")}  # lessons, experiments, bench, make_tasks, ...
+    imported = {(a.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+                for node in ast.walk(ast.parse(SOURCE)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for a in node.names}
+    assert "torch" in imported and not imported & lab
     for f in dataclasses.fields(rlvr.Config):
         assert len(f.metadata["help"]) <= 100, f.name  # the reason for a default goes in a comment
 
 
-def forward_uses(source: str) -> list[tuple[int, str, int]]:
-    """(line, name, line where it is defined) for every use of a module-level name above its definition. Names a
-    function binds itself (arguments, locals) and annotations do not count."""
-    tree = ast.parse(source)
+def forward_uses(source: str) -> list[tuple[int, str, str, int]]:
+    """(line, scope, name, line where it is defined) for every module-level name a function or class uses above its
+    definition, in any nested scope; symtable tells a scope's own names (arguments, locals) from global ones."""
     defined: dict[str, int] = {}
-    for node in tree.body:
-        targets = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
-                   [a.asname or a.name.split(".")[0] for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom))
-                   else [n.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if t is not None
-                         for n in ast.walk(t) if isinstance(n, ast.Name)])
-        for name in targets:
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.asname or a.name.split(".")[0] for a in node.names]
+        else:
+            names = [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
+        for name in names:
             defined.setdefault(name, node.lineno)
-    annotations = {id(n) for node in ast.walk(tree) for a in (getattr(node, "annotation", None),
-                                                            getattr(node, "returns", None)) if a is not None
-                   for n in ast.walk(a)}
-    found = []
-    for node in tree.body:
-        local = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
-                 and not isinstance(node, (ast.Assign, ast.AugAssign))}
-        local |= {a.arg for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.Lambda))
-                  for a in n.args.args + n.args.kwonlyargs}
-        for n in ast.walk(node):
-            if (isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in annotations
-                    and n.id in defined and n.id not in local and defined[n.id] > node.lineno):
-                found.append((n.lineno, n.id, defined[n.id]))
-    return found
+
+    def globals_used(table):
+        own = {s.get_name() for s in table.get_symbols() if s.is_referenced() and (
+            s.is_global() or (table.get_type() == "class" and not s.is_assigned() and not s.is_parameter()))}
+        return own.union(*(globals_used(child) for child in table.get_children()))
+
+    return sorted((scope.get_lineno(), scope.get_name(), name, defined[name])
+                  for scope in symtable.symtable(source, "rlvr.py", "exec").get_children()
+                  for name in globals_used(scope) if defined.get(name, 0) > scope.get_lineno())
 
 
 def test_each_definition_uses_only_what_stands_above_it():
     """The algorithm part (Part 1) never sends the reader forward; nor does the rest of the file."""
     part2 = next(i for i, line in enumerate(SOURCE.splitlines(), 1) if line.startswith("# ==== PART 2"))
-    uses = forward_uses(SOURCE)
-    assert [u for u in uses if u[0] < part2] == [] and uses == []
-    assert forward_uses("def f():\n    return g()\n\ndef g():\n    return 1\n") == [(2, "g", 4)]  # it can fail
-    assert forward_uses("def f(g):\n    return g()\n\ndef g():\n    return 1\n") == []  # an argument is local
+    assert [use for use in forward_uses(SOURCE) if use[0] < part2] == []
+    assert forward_uses(SOURCE) == []
+    later = "\ndef g():\n    return 1\n"  # and the check can fail, in a nested scope or a class, not for a local
+    assert forward_uses("def f():\n    return [g() for _ in range(2)]\n" + later) == [(1, "f", "g", 4)]
+    assert forward_uses("class C:\n    x = g\n" + later) == [(1, "C", "g", 4)]
+    assert forward_uses("def f(g):\n    return g()\n" + later) == []
 
 
 # ---------------------------------------------------------------- tasks and verifiers
@@ -132,8 +135,8 @@ CD = {"type": "countdown", "numbers": [3, 5, 7], "target": 22, "prompt": "3,5,7-
 
 def test_answer_extraction_tolerates_real_model_text():
     task = {"type": "word_problem", "numbers": [3, 4, 5], "target": 17, "prompt": "..."}
-    for text in ["3*4+5", "Let me think.\n3 * 4 = 12, plus 5.\n3*4+5", "Answer: 5 + 4*3", "So: \\boxed{4 \\times 3 + 5}",
-                 "**3*4+5**", "3*4+5 = 17."]:
+    for text in ["3*4+5", "Let me think.\n3 * 4 = 12, plus 5.\n3*4+5", "Answer: 5 + 4*3",
+                 "So: \\boxed{4 \\times 3 + 5}", "**3*4+5**", "3*4+5 = 17."]:
         assert rlvr.verify(task, text) == 1.0, text
     for text in ["17", "The answer is 17.", "3*4+5\nso 17", "\\boxed{3*5+4}", "3*(4+5)"]:
         assert rlvr.verify(task, text) == 0.0, text
@@ -163,7 +166,8 @@ def test_verify_adversarial_strings_never_raise():
     assert rlvr.verify({"type": "no-such-type"}, "1") == 0.0
 
 
-@pytest.mark.parametrize("task", [SUM, {**SUM, "terms": 2, "target": 10}, CD, {**CD, "numbers": [2, 2, 3], "target": 7}])
+@pytest.mark.parametrize("task", [SUM, {**SUM, "terms": 2, "target": 10}, CD,
+                                  {**CD, "numbers": [2, 2, 3], "target": 7}])
 def test_enumerate_solutions_is_exactly_the_verified_set(task):
     sols = rlvr.enumerate_solutions(task)
     assert len(sols) == len(set(sols)) > 1
@@ -186,11 +190,11 @@ def test_adding_a_task_type_as_the_readme_shows(tmp_path, monkeypatch):
                                                                   lambda task: [str(task["n"])[::-1]],
                                                                   fields={"prompt": str, "n": int}))
     for split in ("train", "val", "test"):
-        (tmp_path / f"{split}.jsonl").write_text('{"id": "rev-123", "type": "reverse", "prompt": "rev 123:", "n": 123}\n')
+        (tmp_path / f"{split}.jsonl").write_text('{"id": "r-1", "type": "reverse", "prompt": "rev 123:", "n": 123}\n')
     task = rlvr.load_tasks(tmp_path, "train")[0]
     assert rlvr.verify(task, "321") == 1.0 and rlvr.verify(task, "123") == 0.0
     assert rlvr.enumerate_solutions(task) == ["321"]
-    (tmp_path / "train.jsonl").write_text('{"type": "reverse", "prompt": "rev:", "n": "123"}\n')
+    (tmp_path / "train.jsonl").write_text('{"id": "r-2", "type": "reverse", "prompt": "rev:", "n": "123"}\n')
     with pytest.raises(rlvr.UserError, match="field 'n' must be int"):
         rlvr.load_tasks(tmp_path, "train")
 
@@ -401,7 +405,8 @@ def test_memory_learns_a_repeated_completion_and_dlc_avoids_it(tokenizer, warm_m
 
 
 def test_dlc_loop_converges_to_a_tempered_policy():
-    """Sample from q, fit the memory to the samples, recompute q: the loop lands on q ~ pi^(1/(1+mu)) (plausible set)."""
+    """Sample from q, fit the memory to the samples, recompute q: the loop lands on q ~ pi^(1/(1+mu)) (plausible
+    set)."""
     pi = torch.log_softmax(torch.tensor([3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -4, -5, -6, -7]), -1)
     torch.manual_seed(0)
     hidden = torch.randn(1, 8)
@@ -587,6 +592,17 @@ def test_loss_uses_the_sampling_temperature(tmp_path, task_dir, tokenizer, warm_
     assert len(temperatures) == 12 and set(temperatures) == {0.7}  # rollouts, reference, epochs 1 and 2 (3 chunks each)
 
 
+def test_rollout_temperature_and_min_p_act_on_training_rollouts_only(tmp_path, task_dir, monkeypatch):
+    real_sample, calls = rlvr.sample, []
+    monkeypatch.setattr(rlvr, "sample", lambda *a, **kw: calls.append((a[4], kw.get("min_p", 0.0), kw.get("noise")))
+                        or real_sample(*a, **kw))
+    rlvr.train(tiny_cfg(tmp_path, task_dir, steps=2, eval_every=1, temperature=0.9, rollout_temperature=1.7,
+                        rollout_min_p=0.1))
+    rollouts = {(T, p) for T, p, noise in calls if noise is not None}
+    evals = {(T, p) for T, p, noise in calls if noise is None}
+    assert rollouts == {(1.7, 0.1)} and evals == {(0.9, 0.0)}
+
+
 def test_min_p_rollouts_get_the_optional_importance_weight_like_dlc(tmp_path, task_dir, tokenizer, warm_model,
                                                                     monkeypatch):
     """q = the tempered policy truncated to the plausible set and renormalised, so pi_T / q is the kept mass Z <= 1:
@@ -708,7 +724,8 @@ def test_competitor_advantages_hand_computed():
     assert torch.allclose(pk[0], torch.tensor([(1 - rbar) / s, (1 - rbar - 1 / 3) / s, (1 - rbar - 1 / 3) / s,
                                                (1 - rbar) / s]))
     assert torch.equal(pk[2:], torch.zeros(2, 4))
-    assert torch.equal(rlvr.passk_advantages(torch.tensor([[1.0, 1, 1, 0]]), k=2), torch.zeros(1, 4))  # all pairs solved
+    every_pair_solved = torch.tensor([[1.0, 1, 1, 0]])
+    assert torch.equal(rlvr.passk_advantages(every_pair_solved, k=2), torch.zeros(1, 4))
     assert torch.allclose(rlvr.w_reinforce_advantages(r[1:2]), torch.tensor([[0.1, -1, -1, -1]]))
     assert torch.allclose(rlvr.fgrpo_scale(torch.ones(1, 4), r[1:2]), torch.full((1, 4), math.sqrt(0.75)))
     assert torch.equal(rlvr.fgrpo_scale(torch.ones(1, 4), r[2:3]), torch.zeros(1, 4))
@@ -787,14 +804,20 @@ def cli_in_process(capsys, *args) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
+def record(**fields):
+    return json.dumps({"id": "t-1", "type": "digit_sum", "prompt": "x", "terms": 3, "target": 9} | fields) + "\n"
+
+
 @pytest.mark.parametrize("content,expected", [
-    ('{"type": "digit_sum", "prompt": "x", "terms": 3, "target": 9}\n{not json\n', "train.jsonl:2: not valid JSON"),
-    ('{"type": "digit_sum", "prompt": "x", "terms": 3}\n', "train.jsonl:1: digit_sum task is missing field 'target'"),
-    ('{"type": "sorting", "prompt": "x"}\n', "train.jsonl:1: unknown task type 'sorting'"),
-    ('{"type": "digit_sum", "prompt": "x", "terms": "3", "target": 9}\n', "train.jsonl:1: field 'terms' must be int"),
-    ('{"type": "digit_sum", "prompt": "x", "terms": 3, "target": 99}\n', "train.jsonl:1: task 'x' has no correct answer"),
-    ('{"type": "digit_sum", "prompt": "x", "terms": 9, "target": 20}\n', "train.jsonl:1: 'terms' must be 1..6"),
-    ('{"type": "digit_sum", "prompt": "", "terms": 3, "target": 9}\n', "train.jsonl:1: empty prompt"),
+    (record() + "{not json\n", "train.jsonl:2: not valid JSON"),
+    (record(target=None).replace(', "target": null', ""), "train.jsonl:1: digit_sum task is missing field 'target'"),
+    (record(id=None).replace('"id": null, ', ""), "train.jsonl:1: digit_sum task is missing field 'id'"),
+    (record() + record(prompt="y"), "train.jsonl: task ids repeat"),
+    (record(type="sorting"), "train.jsonl:1: unknown task type 'sorting'"),
+    (record(terms="3"), "train.jsonl:1: field 'terms' must be int"),
+    (record(target=99), "train.jsonl:1: task 't-1' has no correct answer"),
+    (record(terms=9, target=20), "train.jsonl:1: 'terms' must be 1..6"),
+    (record(prompt=""), "train.jsonl:1: empty prompt"),
     ("\n\n", "train.jsonl: no tasks in file"),
     ('[1, 2]\n', "train.jsonl:1: a task must be a JSON object"),
 ])
@@ -834,7 +857,8 @@ def test_duplicate_queries_across_splits_are_reported(tmp_path, task_dir, capsys
     (["--lr", "-0.1"], "--lr must be positive"),
     (["--method", "ppo"], "unknown method 'ppo'"),
     (["--method", "iac+dlc", "--dlc-mu", "5"], "--dlc-mu must be in [0, 2]"),
-    (["--method", "passk", "--passk-k", "9"], "--passk-k must be in 1..group size"),
+    (["--method", "passk", "--passk-k", "8"], "--passk-k must be in 1..7 (k = G credits nothing)"),
+    (["--micro", "4"], "unrecognized arguments: --micro"),  # no abbreviations: --resume could not tell them
     (["--eval-n", "0"], "--eval-n must be at least 1"),
     (["--steps", "ten"], "invalid int value"),
     (["--method", "iac+dlc", "--mem-steps", "0"], "--mem-steps must be at least 1"),
@@ -853,7 +877,7 @@ def test_only_the_knobs_of_the_methods_used_are_checked():
     rlvr.validate_config(rlvr.Config(method="grpo", group_size=2))  # --passk-k 4 > G does not matter to grpo
     rlvr.validate_config(rlvr.Config(method="grpo", dlc_mu=5, mem_steps=0, kl_coef=-1, iac_alpha=-1))
     with pytest.raises(rlvr.UserError, match="--passk-k"):
-        rlvr.validate_config(rlvr.Config(method="passk", group_size=2))
+        rlvr.validate_config(rlvr.Config(method="passk", group_size=4))
     with pytest.raises(rlvr.UserError, match="--kl-coef"):
         rlvr.validate_config(rlvr.Config(method="grpo+kl", kl_coef=-1))
 
@@ -904,7 +928,7 @@ def test_same_seed_same_summary_and_micro_batches_change_no_sample(tmp_path, tas
 
 
 def test_checkpoint_round_trip_restores_memory(tmp_path, task_dir):
-    cfg = tiny_cfg(tmp_path, task_dir, method="iac+dlc", eval_every=0)
+    cfg = tiny_cfg(tmp_path, task_dir, method="iac+dlc", eval_every=0, dlc_mu=1.3, dlc_min_p=0.1)
     rlvr.train(cfg)
     saved = rlvr.load_run(cfg.out)
     policy, memory, state = rlvr.restore_run(saved, saved["config"], torch.device("cpu"))
@@ -913,9 +937,7 @@ def test_checkpoint_round_trip_restores_memory(tmp_path, task_dir):
     for k, v in on_disk["net"].items():
         assert torch.equal(memory.net.state_dict()[k], v)
     assert memory.net[-1].weight.abs().sum() > 0  # it was trained, not a fresh zero-initialised head
-    h = torch.randn(3, policy.config.hidden_size)
-    assert torch.allclose(memory(h), memory(h)) and memory(h).exp().sum(-1).allclose(torch.ones(3))
-    assert (memory.mu, memory.min_p) == (cfg.dlc_mu, cfg.dlc_min_p)
+    assert (memory.mu, memory.min_p) == (1.3, 0.1)  # the run's settings, not the defaults
 
 
 def test_a_checkpoint_from_an_older_rlvr_py_is_refused_with_one_line(tmp_path, task_dir, capsys):
@@ -927,6 +949,8 @@ def test_a_checkpoint_from_an_older_rlvr_py_is_refused_with_one_line(tmp_path, t
     torch.save(state, path)
     code, err = cli_in_process(capsys, "train", "--resume", cfg.out)
     assert code == 2 and "older rlvr.py (iac_renorm)" in err and len(err.strip().splitlines()) == 1
+    code, err = cli_in_process(capsys, "train", "--resume", cfg.out, "--steps", "600")
+    assert code == 2 and "--steps cannot change" in err
 
 
 def test_out_of_memory_ends_with_a_line_and_a_smaller_micro_batch_resumes_the_same_run(tmp_path, task_dir, capsys,
@@ -942,7 +966,7 @@ def test_out_of_memory_ends_with_a_line_and_a_smaller_micro_batch_resumes_the_sa
     def oom_at_step_3(*args, **kw):
         calls.append(1)
         if len(calls) == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(*args, **kw)
 
     monkeypatch.setattr(rlvr, "rl_step", oom_at_step_3)
@@ -960,6 +984,11 @@ def test_out_of_memory_ends_with_a_line_and_a_smaller_micro_batch_resumes_the_sa
                for d, records in steps.items()}
     assert samples["full"] == samples["cut"] and max(r for r, _, _ in samples["full"]) > 0  # the same samples
     assert resumed["config"]["micro_batch"] == 24
+    calls.clear()  # at --micro-batch 1 a smaller one cannot help, and the message says what can
+    monkeypatch.setattr(rlvr, "rl_step", oom_at_step_3)
+    with pytest.raises(rlvr.UserError, match="step 3; even --micro-batch 1: use a smaller model or --mem-window"):
+        rlvr.train(dataclasses.replace(cut, out=str(tmp_path / "one"), micro_batch=1))
+    monkeypatch.undo()
     # gradients summed over two micro-batches round differently from one batch's: the same run up to float rounding
     for split in ("train", "test"):
         assert rlvr.flat_metrics(resumed["final"][split]) == pytest.approx(rlvr.flat_metrics(full["final"][split]),

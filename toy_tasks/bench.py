@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import rlvr  # noqa: E402
 import smollm2  # noqa: E402
 
@@ -60,7 +60,8 @@ def bench(cfg: rlvr.Config, repeats: int = 15, scaling: bool = True) -> dict:
         return queries, [train_set.prompt_ids[q] for q in queries for _ in range(cfg.group_size)]
 
     def step(method, queries, T=cfg.max_new_tokens):
-        rlvr.rl_step(dataclasses.replace(cfg, method=method, max_new_tokens=T), policy, tokenizer, opt, train_set, queries,
+        rlvr.rl_step(dataclasses.replace(cfg, method=method, max_new_tokens=T), policy, tokenizer, opt, train_set,
+                     queries,
                 gen, None, memory if "dlc" in method else None)
 
     queries, prompts = batch(cfg.queries_per_step)
@@ -145,7 +146,7 @@ def bench_trl(cfg: rlvr.Config, steps: int = 12, rounds: int = 2) -> dict:
                 learning_rate=cfg.lr, max_steps=steps + 2, temperature=cfg.temperature,
                 use_cpu=device.type == "cpu", bf16=rlvr.amp_dtype(device) is not None, gradient_checkpointing=False,
                 logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed + r,
-                model_init_kwargs={"attn_implementation": rlvr.attention_for(cfg)})  # the same attention kernels as ours
+                model_init_kwargs={"attn_implementation": rlvr.attention_for(cfg)})  # our attention kernels
             trainer = trl.GRPOTrainer(  # TRL loads the same saved policy itself
                 model=str(policy.name_or_path), args=args, train_dataset=datasets.Dataset.from_list(rows),
                 reward_funcs=lambda prompts, completions, **kw: [rlvr.verify(by_prompt[p], c)
@@ -188,7 +189,8 @@ def gpu_check(cfg: rlvr.Config) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        summary = rlvr.train(dataclasses.replace(cfg, out=str(out / name.replace(" ", "-").replace("+", "-")), **settings))
+        run_out = str(out / name.replace(" ", "-").replace("+", "-"))
+        summary = rlvr.train(dataclasses.replace(cfg, out=run_out, **settings))
         result[name] = {"steps": summary["config"]["steps"], **summary["timing"],
                         "tokens_per_s": round(summary["budget"]["generated_tokens"] / summary["timing"]["rl_s"], 1),
                         "final": {split: rlvr.flat_metrics(m) for split, m in summary["final"].items()}}
@@ -199,7 +201,7 @@ def gpu_check(cfg: rlvr.Config) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = rlvr.config_parser("bench.py")
     p.set_defaults(out="runs/bench")
-    p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer on the same policy (pip install trl)")
+    p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer (needs pip install trl)")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     p.add_argument("--gpu-check", action="store_true", help="on a GPU: bench, the demo and the SmolLM2 run, figures "
                                                           "in one gpu_check.json")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import rlvr  # noqa: E402
 from rlvr import Config, UserError  # noqa: E402
 
@@ -116,6 +116,8 @@ SHARED_KNOBS = {"method", "seed", "out", "threads", "device", "tasks", "model", 
                 "n_layer", "n_head", "ws_steps", "ws_batch", "ws_lr", "eval_n", "eval_split", "temperature",
                 "max_new_tokens"}
 RUN_ONLY = {"out", "threads", "cache_dir", "tasks", "micro_batch", "save_every"}  # never change a sample (tasks: hash)
+# knobs an older rlvr.py had, at the values that made them no-ops: a run made with any other value is not reused
+REMOVED_KNOBS = {"iac_renorm": False, "weight_decay": 0.0, "clip_eps": 0.2, "max_grad_norm": 1.0}
 
 
 def variant_config(cfg: Config, variant: str) -> Config:
@@ -158,21 +160,20 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
         summary, now = json.loads((Path(c.out) / "summary.json").read_text()), dataclasses.asdict(c)
         if (summary.get("code"), summary.get("platform")) != (code_sha(), platform_id(rlvr.pick_device(c.device))):
             made_elsewhere.append(Path(c.out).name)
-        # an older summary's questions go unchecked; a knob added later reads as its default
-        now["task_files_sha"] = tasks_sha(c.tasks)
-        saved = summary["config"] | {"task_files_sha": summary.get("task_files_sha", now["task_files_sha"])}
-        differ = [k for k, v in now.items()
-                  if k not in RUN_ONLY and saved.get(k, getattr(Config, k, None)) != v]
+        if "task_files_sha" not in summary:  # made outside compare, or stopped before `stamp`
+            raise UserError(f"{c.out}: no record of the questions it ran on: delete it to rerun it")
+        now["task_files_sha"] = tasks_sha(c.tasks)  # a knob added later reads as its default
+        saved = summary["config"] | {"task_files_sha": summary["task_files_sha"]}
+        differ = [k for k, v in now.items() if k not in RUN_ONLY and saved.get(k, getattr(Config, k, None)) != v]
+        differ += [k for k, v in REMOVED_KNOBS.items() if saved.get(k, v) != v]
         if differ:
             raise UserError(f"{c.out} ran with other settings ({differ[0]}={saved.get(differ[0])!r}, not "
-                            f"{now[differ[0]]!r}): compare into a new --out")
+                            f"{now.get(differ[0], REMOVED_KNOBS.get(differ[0]))!r}): compare into a new --out")
     print(f"compare: {len(cfgs)} runs, {len(cfgs) - len(todo)} already finished, {jobs} parallel job(s)")
     if made_elsewhere:
         print(f"compare: {len(made_elsewhere)} reused run(s) were made by another rlvr.py or platform "
               f"({', '.join(made_elsewhere[:3])}{', ...' if len(made_elsewhere) > 3 else ''}); delete them to rerun")
-    base_seeds = sorted({dataclasses.replace(cfg, seed=s).warmstart_seed for s in seeds})
-    bases = [(dataclasses.asdict(dataclasses.replace(cfg, seed=s, base_seed=s, threads=threads)), "base")
-             for s in base_seeds]
+    bases = [(dataclasses.asdict(dataclasses.replace(cfg, threads=threads)), "base")]  # one base for every run
     work = [(dataclasses.asdict(c), "run") for c in todo]
     if jobs > 1:
         import multiprocessing as mp
@@ -332,7 +333,7 @@ FRONTIER_GRID = {
     "entropy": ("grpo+entropy", "entropy_coef", (0.001, 0.003, 0.01, 0.03, 0.1)),
     "kl": ("grpo+kl", "kl_coef", (0.01, 0.04, 0.1, 0.3, 1.0)),
     "wreinforce": ("wreinforce", "wreinforce_weight", (0.03, 0.1, 0.3, 0.5, 1.0)),
-    "passk": ("passk", "passk_k", (2, 3, 4, 6, 8)),
+    "passk": ("passk", "passk_k", (2, 3, 4, 6)),  # k = G = 8 credits nothing (it never moved: now refused)
     "grpo steps": ("grpo@eval_every=25", "steps", (300,)),  # one run (of --steps): GRPO's trajectory from the base
 }
 # chosen on val (seeds 100-101): per family 4 settings that learned (train pass@1 above the base's), its default
@@ -508,4 +509,5 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        sys.exit(f"experiments.py: error: {e}")
+        print(f"experiments.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

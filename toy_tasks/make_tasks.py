@@ -111,8 +111,8 @@ def make_tasks(out: str | Path, seed: int = 0, countdown: tuple[int, int, int] =
                 for task in tasks:
                     f.write(json.dumps(task) + "\n")
     counts = {name: len(tasks) for name, tasks in splits.items()}
-    return counts | {f"{folder}/{k}": len(v) for folder, parts in (("word_problems", word_splits),
-                                                                     ("small_lm", small_splits)) for k, v in parts.items()}
+    more = {"word_problems": word_splits, "small_lm": small_splits}
+    return counts | {f"{folder}/{k}": len(v) for folder, parts in more.items() for k, v in parts.items()}
 
 
 if __name__ == "__main__":

