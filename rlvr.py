@@ -89,7 +89,7 @@ class Config:
     # the paper's calibrations, used when --method names them
     iac_alpha: float = knob(1.0, "IAC: successes' advantages x (G - #correct)^alpha")  # the paper's 1
     dlc_mu: float = knob(2.0, "DLC: sample from z_policy - mu * z_memory")  # chosen on val
-    dlc_min_p: float = knob(0.05, "DLC re-weights only tokens with pi >= min_p max pi (0: all)")
+    dlc_min_p: float = knob(0.05, "DLC re-weights only tokens with p >= min_p max p (p tempered; 0: all)")
     dlc_is_cap: float = knob(0.0, "importance weight min(pi/q, cap) on DLC or min-p samples (0: none)")
     mem_width: int = knob(64, "memory network width")
     mem_window: int = knob(4, "memory trained on the last this many steps' rollouts")
@@ -527,25 +527,24 @@ def ppo_clip_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None,
                   entropy_coef=0.0, weights=None, norm=None):
     """Token-level PPO-clip surrogate, k3 KL, entropy bonus: (loss, metrics). logp, old_logp, ref_logp, entropy,
     weights, mask: [B, T]; advantages: [B]. norm: the token sums' divisor (Dr. GRPO's constant, or the whole batch's
-    count). weights (pi/q) touch only the policy-gradient term; KL and entropy are taken on the tokens as sampled."""
+    count). weights (pi/q) scale every term: the batch of q's samples then stands for pi's, in KL and entropy too."""
     mask = mask.float()
     n_tokens = mask.sum().clamp(min=1)
     denom = n_tokens if norm is None else torch.tensor(float(norm), device=mask.device)
+    w = mask if weights is None else mask * weights
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    if weights is not None:
-        surrogate = surrogate * weights
-    loss = -(surrogate * mask).sum() / denom
+    loss = -(surrogate * w).sum() / denom
     clipped = (ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)
     metrics = {"clip_frac": ((clipped.float() * mask).sum() / n_tokens).item()}
     if ref_logp is not None:
         log_r = ref_logp - logp
         kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), always >= 0
-        loss = loss + kl_coef * (kl * mask).sum() / denom
-        metrics["kl"] = ((kl * mask).sum() / n_tokens).item()
+        loss = loss + kl_coef * (kl * w).sum() / denom
+        metrics["kl"] = ((kl * w).sum() / n_tokens).item()
     if entropy is not None and entropy_coef:
-        loss = loss - entropy_coef * (entropy * mask).sum() / denom
+        loss = loss - entropy_coef * (entropy * w).sum() / denom
     return loss, metrics
 
 # -- A method: an estimator joined by '+' with modifiers ('iac+dlc'); Part 2 adds the others

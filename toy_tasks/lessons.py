@@ -5,6 +5,7 @@
   python toy_tasks/lessons.py --runs runs/demo     # whose checkpoints join lesson 3 (run python rlvr.py first)
 """
 import copy
+import dataclasses
 import math
 import random
 import re
@@ -158,8 +159,78 @@ def mode_mass_table(cfg: rlvr.Config, tokenizer, task: dict, prompt_ids: list[in
     return sols, columns
 
 
+def sequence_logq(model, memory, tokenizer, prompt_ids: list[list[int]], completions: list[str]) -> Tensor:
+    """Exact log q(completion + EOS | prompt) under DLC's sampler: the calibrated distribution at every position."""
+    r = rlvr.rollouts_from_text(tokenizer, prompt_ids, completions, next(model.parameters()).device)
+    with torch.no_grad():
+        _, _, hidden = rlvr.completion_logprobs(model, r)
+        logp_all = torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
+        logq = memory.calibrate(logp_all, hidden).gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return (logq * r.completion_mask).sum(1)
+
+
+def fit_memory(cfg: rlvr.Config, model, tokenizer, train: rlvr.TaskSet, steps: int = 4):
+    """DLC's memory after its first `steps` steps, the policy held fixed: fitted, step by step, to what the
+    calibrated sampler drew (a batch of 16 training queries x 8 samples each)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    memory = rlvr.Memory(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg, device)
+    rng, gen = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
+    for _ in range(steps):
+        prompts = [train.prompt_ids[rng.randrange(len(train))] for _ in range(16) for _ in range(8)]
+        r = rlvr.sample(model, tokenizer, prompts, cfg.max_new_tokens, generator=gen, memory=memory)
+        with torch.no_grad():
+            _, _, hidden = rlvr.completion_logprobs(model, r)
+        memory.update(hidden, r.completion_ids, r.completion_mask)
+    return memory
+
+
+class SumOfUpdates:
+    """An optimiser that adds up the (clipped) gradient of every update it is handed instead of taking a step."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.total = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        for total, p in zip(self.total, self.params):
+            total += p.grad
+
+
+def credit_lesson(cfg: rlvr.Config, model, tokenizer, train: rlvr.TaskSet, query: int, groups: int = 100,
+                  lr: float = 0.05, caps: tuple = (0.0, 1.0)) -> dict:
+    """Where DLC's diversity comes from. For each correct answer of one query: its probability under the policy
+    (pi) and under DLC's sampler (q), and how the expected IAC+DLC update moves log pi: the mean of the updates of
+    `groups` groups drawn from q (the same groups for every cap), applied as one SGD step of `lr`. Without an
+    importance weight (the default) every drawn answer gets full on-policy credit; with min(pi/q, cap) per token
+    the answers q draws more often than pi would get less."""
+    memory = fit_memory(cfg, model, tokenizer, train)
+    sols, prompt = train.solutions[query], train.prompt_ids[query]
+    logp = rlvr.sequence_logprobs(model, tokenizer, [prompt] * len(sols), sols)
+    logq = sequence_logq(model, memory, tokenizer, [prompt] * len(sols), sols)
+    out = {"query": train.tasks[query]["prompt"], "completions": sols, "pi": logp.exp().tolist(),
+           "q": logq.exp().tolist(), "groups": groups, "lr": lr, "delta": {}, "drawn": {}}
+    for cap in caps:
+        step_cfg, policy = dataclasses.replace(cfg, method="iac+dlc", dlc_is_cap=cap), copy.deepcopy(model)
+        updates = SumOfUpdates(policy.parameters())
+        for g in range(groups):
+            batch = rlvr.collect_rollouts(step_cfg, policy, tokenizer, train, [query], 1000 + g, memory=memory)
+            rlvr.update_policy(step_cfg, policy, updates, batch)
+            for text, r in zip(batch.rollouts.texts, batch.rewards.view(-1).tolist()):
+                out["drawn"][text] = out["drawn"].get(text, 0) + (r > 0) / len(caps)
+        with torch.no_grad():
+            for total, p in zip(updates.total, updates.params):
+                p -= lr * total / groups
+        out["delta"][cap] = (rlvr.sequence_logprobs(policy, tokenizer, [prompt] * len(sols), sols) - logp).tolist()
+    return out
+
+
 def explain(cfg: rlvr.Config, runs_dir: Path, lesson: str = "all") -> dict:
-    """Print (and plot, with matplotlib) the three lessons; each runs in seconds on a CPU."""
+    """Print (and plot, with matplotlib) the four lessons; each runs in seconds on a CPU."""
     rlvr.set_threads(cfg)
     device = rlvr.pick_device(cfg.device)
     tokenizer = rlvr.load_tokenizer(cfg.model)
@@ -239,6 +310,29 @@ def explain(cfg: rlvr.Config, runs_dir: Path, lesson: str = "all") -> dict:
             print(f"   {sols_m[i]:>10}" + "".join(f"{v[i].item():12.4f}" for v in cols.values()))
         print(f"   {'total':>10}" + "".join(f"{v.sum().item():12.4f}" for v in cols.values()))
         print(f"   {'below base':>10}" + "".join(f"{int((v < cols['base']).sum()):12d}" for v in cols.values()))
+    if lesson in ("all", "credit"):
+        c = report["credit"] = credit_lesson(cfg, base, tokenizer, train, query)
+        pi, q, drawn = np.array(c["pi"]), np.array(c["q"]), np.array([c["drawn"].get(o, 0) for o in c["completions"]])
+        no, capped = (np.array(c["delta"][cap]) for cap in (0.0, 1.0))
+        print(f"\n4. WHERE DLC'S DIVERSITY COMES FROM on {c['query']!r}: DLC's memory after its first 4 steps (the "
+              "policy held fixed). Per correct completion:")
+        print("   pi and q, its probability under the policy and under DLC's sampler; drawn, how often the "
+              f"{c['groups']} groups of 8 drawn from q")
+        print("   sampled it; the change in log pi from the expected IAC+DLC update (the mean update of those groups, "
+              f"as one SGD step of lr {c['lr']})")
+        print("   with no importance weight (the default) and with min(pi/q, 1) per token.")
+        print(f"   {'completion':>10} {'pi':>8} {'q':>8} {'q/pi':>6} {'drawn':>6} {'no weight':>10} {'min(pi/q,1)':>12}")
+        order = list(np.argsort(q / pi)[::-1])
+        for i in order[:6] + order[len(order) // 2:len(order) // 2 + 2] + order[-4:]:
+            print(f"   {c['completions'][i]:>10} {pi[i]:8.4f} {q[i]:8.4f} {q[i] / pi[i]:6.2f} {drawn[i]:6.0f} "
+                  f"{no[i]:+10.4f} {capped[i]:+12.4f}")
+        boosted, unsampled = q / pi >= 2, drawn == 0
+        print(f"   ...     ({len(pi)} rows in all; P(correct) {pi.sum():.4f} under pi, {q.sum():.4f} under q; after "
+              f"the update {(pi * np.exp(no)).sum():.4f} with no weight, {(pi * np.exp(capped)).sum():.4f} with it)")
+        for name, rows in (("drawn, boosted (q/pi >= 2)", boosted & ~unsampled), ("never drawn", unsampled),
+                           ("the rest", ~boosted & ~unsampled)):
+            print(f"   {name:>26} ({int(rows.sum()):2d}): mean change {no[rows].mean():+.4f} with no weight, "
+                  f"{capped[rows].mean():+.4f} with it")
     plot_explain(report, Path(cfg.out))
     return report
 
@@ -247,7 +341,7 @@ def plot_explain(report: dict, out: Path) -> None:
     if (plt := pyplot()) is None:
         return
     out.mkdir(parents=True, exist_ok=True)
-    panels = [k for k in ("bias", "coupling", "modes") if k in report]
+    panels = [k for k in ("bias", "coupling", "modes", "credit") if k in report]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, key in zip(axes[0], panels):
         r = report[key]
@@ -268,6 +362,13 @@ def plot_explain(report: dict, out: Path) -> None:
             ax.set_xticks(x + 0.2, COUPLING_GROUPS, rotation=20, fontsize=8)
             ax.axhline(0, color="k", lw=0.5)
             ax.set(ylabel="mean change in log-prob", title=f"reinforcing {r['completion']!r} on {r['query']!r}")
+        elif key == "credit":
+            ratio = np.array(r["q"]) / np.array(r["pi"])
+            for cap, label in ((0.0, "no importance weight"), (1.0, "min(pi/q, 1)")):
+                ax.scatter(ratio, r["delta"][cap], s=12, label=label)
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set(xscale="log", xlabel="q / pi of a correct completion", ylabel="change in log pi, expected update",
+                   title=f"credit under DLC on {r['query']!r}")
         else:
             order = np.argsort(r["probs"]["base"])[::-1]
             for name, probs in r["probs"].items():
@@ -285,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     p = rlvr.config_parser("lessons.py")
     p.set_defaults(out="runs/explain")
     p.add_argument("--runs", default="runs/demo", help="folder whose */checkpoint columns join the mode mass table")
-    p.add_argument("--lesson", default="all", choices=["all", "bias", "coupling", "modes"], help="which lesson to run")
+    p.add_argument("--lesson", default="all", choices=["all", "bias", "coupling", "modes", "credit"],
+                   help="which lesson to run")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     explain(rlvr.config_from(args), Path(args.runs), args.lesson)
 

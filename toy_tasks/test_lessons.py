@@ -48,3 +48,19 @@ def test_the_lessons_run_from_the_command_line(tmp_path, task_dir, capsys):
     for heading in ("1. SAMPLING BIAS", "2. SEMANTIC COUPLING", "3. MODE MASS", "no trained checkpoints found"):
         assert heading in printed
     assert (tmp_path / "explain" / "explain.png").exists() == (lessons.pyplot() is not None)
+
+
+def test_an_importance_weight_gives_answers_the_sampler_boosts_less_credit(tmp_path, tokenizer):
+    """Lesson 4's claim on the demo's base policy: the correct answers DLC's sampler draws more often than the policy
+    would (q/pi >= 2) gain less from the expected update when each token carries min(pi/q, 1) than with full credit
+    (the default), and the weight changes them more than the rest."""
+    cfg = rlvr.Config(cache_dir=str(tmp_path / "cache"))
+    train = rlvr.TaskSet.build(rlvr.load_tasks(TOY, "train"), tokenizer)
+    model = rlvr.warm_start(cfg, train, tokenizer, torch.device("cpu"))
+    query = max(range(len(train)), key=lambda i: len(train.solutions[i]))
+    c = lessons.credit_lesson(cfg, model, tokenizer, train, query, groups=40)
+    pi, q = np.array(c["pi"]), np.array(c["q"])
+    boosted = (q / pi >= 2) & np.array([c["drawn"].get(o, 0) > 0 for o in c["completions"]])
+    no, capped = np.array(c["delta"][0.0]), np.array(c["delta"][1.0])
+    assert boosted.sum() >= 2 and no[boosted].mean() > capped[boosted].mean() + 0.02
+    assert (no - capped)[boosted].mean() > abs(no - capped)[~boosted].mean()
