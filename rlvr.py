@@ -7,11 +7,11 @@ answer of a toy question can be enumerated, so pass@k, coverage and over-sharpen
 The paper (arXiv 2601.15609): IAC scales successes' advantages by (G - #correct)^alpha; DLC samples rollouts from
 softmax(log pi - mu log m), m a memory network of recent rollouts. Departures from the textbook: a token-level loss
 (DAPO); one update per batch, so the PPO ratio is 1; no EOS means reward 0; no KL unless --method names kl (as TRL);
-the loss's log-probs at the rollout temperature (TRL, verl); fp32 weights, bf16 autocast on GPUs that have it.
+the loss's log-probs at the rollout temperature (TRL, verl); no dropout; fp32 weights, bf16 autocast where it pays.
 
-  python rlvr.py                                       # the demo: GRPO vs IAC+DLC, one table (a minute on a CPU)
-  python rlvr.py train --method iac+dlc --out runs/x  # any method, any knob: python rlvr.py train -h
-  python -m pytest -q                                  # the tests; the lab (lessons, experiments, bench): toy_tasks/
+  python rlvr.py            # the demo: GRPO vs IAC+DLC, one table (a minute on a CPU)
+  python rlvr.py train -h   # any method, any knob: train --method iac+dlc --out runs/x
+  python -m pytest -q       # the tests; the lab (lessons, experiments, bench): toy_tasks/
 """
 from __future__ import annotations
 
@@ -61,14 +61,14 @@ class Config:
     seed: int = knob(0, "RL and evaluation seed (the warm-start uses --base-seed)")
     method: str = knob("grpo", "an estimator + modifiers, e.g. grpo, iac+dlc, rloo+kl")
     device: str = knob("auto", "auto (cuda if available), cpu or cuda")
-    threads: int = knob(0, "CPU threads (0: all cores up to 4, which tiny models need no more than)")
+    threads: int = knob(0, "CPU threads (0: all cores, at most 4)")
     # policy
     model: str = knob("", "a Hugging Face causal LM (folder or hub name) for the built-in GPT-2")
     grad_checkpointing: bool = knob(False, "recompute activations in the backward pass")
     n_embd: int = knob(64, "built-in GPT-2: hidden size")
     n_layer: int = knob(2, "built-in GPT-2: layers")
     n_head: int = knob(4, "built-in GPT-2: attention heads")
-    # warm-start: supervised fine-tuning on uniformly sampled correct answers
+    # warm-start: SFT on uniformly sampled correct answers
     ws_steps: int = knob(300, "warm-start SFT steps")
     ws_batch: int = knob(128, "warm-start sequences per step")
     ws_lr: float = knob(3e-3, "warm-start learning rate")
@@ -82,7 +82,7 @@ class Config:
     micro_batch: int = knob(0, "sequences per forward/backward (0: auto)")
     ppo_epochs: int = knob(1, "updates per batch (1: the PPO ratio is 1)")
     temperature: float = knob(1.0, "sampling temperature (rollouts, loss, evaluation)")
-    # exploration knobs for any method; evaluation samples the plain policy at --temperature
+    # exploration, any method; evaluation samples the plain policy at --temperature
     rollout_temperature: float = knob(0.0, "rollouts' and loss's temperature in training (0: --temperature)")
     rollout_min_p: float = knob(0.0, "training rollouts drop tokens with p < min_p max p (at temperature 1)")
     max_new_tokens: int = knob(8, "longest completion, EOS included")
@@ -90,7 +90,7 @@ class Config:
     iac_alpha: float = knob(1.0, "IAC: successes' advantages x (G - #correct)^alpha")  # the paper's 1
     dlc_mu: float = knob(2.0, "DLC: sample from z_policy - mu * z_memory")  # chosen on val
     dlc_min_p: float = knob(0.05, "DLC re-weights only tokens with p >= min_p max p (p tempered; 0: all)")
-    dlc_is_cap: float = knob(0.0, "importance weight min(pi/q, cap) on DLC or min-p samples (0: none)")
+    dlc_is_cap: float = knob(0.0, "per-token weight min(pi/q, cap) on DLC or min-p samples (0: off)")
     mem_width: int = knob(64, "memory network width")
     mem_window: int = knob(4, "memory trained on the last this many steps' rollouts")
     mem_steps: int = knob(4, "memory Adam steps on its window per RL step")
@@ -116,14 +116,14 @@ def progress(iterable, desc, leave=True, **kwargs):
     return tqdm(iterable, desc=desc, leave=leave or not live, mininterval=0.1 if live else 30, **kwargs)
 
 # -- Tasks and verifiers: many correct answers per query, all enumerable
-MAX_ANSWER_CHARS = 64  # anything longer is wrong without being parsed: verifiers stay O(1) on any input
+MAX_ANSWER_CHARS = 64  # longer is wrong, unparsed: verifiers stay O(1) on any input
 _DIGIT_SUM = re.compile(r"[1-9](?:\+[1-9])*")
 _EXPR = re.compile(r"[0-9]{1,3}(?:[+\-*][0-9]{1,3})*")
 _BOXED, _LABEL = "\\boxed{", re.compile(r"^[A-Za-z][A-Za-z ]{0,24}:")
 
-def extract_answer(completion):
-    """The last \\boxed{...}, else the last non-empty line, without labels ('Answer:'), markdown, spaces, a final
-    period or a trailing '= value'; toy completions pass unchanged. Reads only the last 4096 characters."""
+def answer_line(completion):
+    """The last \\boxed{...}, else the last non-empty line, without labels ('Answer:'), markdown, spaces or a final
+    period, '×' and '\\cdot' as '*'; toy completions pass unchanged. Reads only the last 4096 characters."""
     text = completion[-4096:]
     start = text.rfind(_BOXED)
     if start >= 0:
@@ -136,8 +136,11 @@ def extract_answer(completion):
         lines = [line for line in text.splitlines() if line.strip()]
         answer = lines[-1] if lines else ""
     answer = _LABEL.sub("", answer.strip().replace("**", ""))
-    answer = re.sub(r"[\s$`*]|\\[a-z]+", lambda m: "*" if m.group() in ("*", "\\times", "\\cdot") else "", answer)
-    return answer.split("=")[0].rstrip(".")
+    answer = re.sub(r"[\s$`*×]|\\[a-z]+", lambda m: "*" if m.group() in ("*", "×", "\\times", "\\cdot") else "", answer)
+    return answer.rstrip(".")
+
+def extract_answer(completion):  # distinct answers are counted without their stated result
+    return answer_line(completion).split("=")[0]
 
 def eval_plus_minus_times(expr):
     """Value of a +,-,* expression with the usual precedence; expr already matched _EXPR (no eval())."""
@@ -163,8 +166,8 @@ def enumerate_digit_sum(task):
     return ["+".join(map(str, d)) for d in digits if sum(d) == task["target"]]
 
 def verify_countdown(task, completion):
-    """Use each of `numbers` exactly once with + - * (usual precedence, no brackets) to reach `target`."""
-    if not _EXPR.fullmatch(completion):
+    """Use each of `numbers` exactly once with `ops` (default +-*; usual precedence, no brackets) to reach `target`."""
+    if not _EXPR.fullmatch(completion) or set(re.findall(r"[+\-*]", completion)) - set(task.get("ops", "+-*")):
         return 0.0
     used = sorted(int(x) for x in re.findall(r"[0-9]+", completion))
     return float(used == sorted(task["numbers"]) and eval_plus_minus_times(completion) == task["target"])
@@ -172,7 +175,7 @@ def verify_countdown(task, completion):
 def enumerate_countdown(task):
     sols = set()
     for perm in set(itertools.permutations(task["numbers"])):
-        for ops in itertools.product("+-*", repeat=len(perm) - 1):
+        for ops in itertools.product(task.get("ops", "+-*"), repeat=len(perm) - 1):
             expr = str(perm[0]) + "".join(op + str(n) for op, n in zip(ops, perm[1:]))
             if eval_plus_minus_times(expr) == task["target"]:
                 sols.add(expr)
@@ -186,7 +189,10 @@ class TaskType:
     fields: dict
     check: Callable[[dict], str | None] = lambda task: None
 
-def _check_numbers(task):
+def _check_countdown(task):
+    ops = task.get("ops", "+-*")  # optional: the operators the prompt allows
+    if not isinstance(ops, str) or not ops or set(ops) - set("+-*"):
+        return f"'ops' must be some of '+-*', got {ops!r}"
     ok = 1 <= len(task["numbers"]) <= 5 and all(isinstance(n, int) and 0 <= n < 1000 for n in task["numbers"])
     return None if ok else f"'numbers' must be 1..5 integers in 0..999, got {task['numbers']!r}"
 
@@ -194,15 +200,17 @@ def _check_numbers(task):
 TASK_TYPES = {
     "digit_sum": TaskType(verify_digit_sum, enumerate_digit_sum, {"terms": int, "target": int}, lambda t: None
                           if 1 <= t["terms"] <= 6 else f"'terms' must be 1..6 (9^terms answers), got {t['terms']}"),
-    "countdown": TaskType(verify_countdown, enumerate_countdown, {"numbers": list, "target": int}, _check_numbers)}
+    "countdown": TaskType(verify_countdown, enumerate_countdown, {"numbers": list, "target": int}, _check_countdown)}
 TASK_TYPES["word_problem"] = TASK_TYPES["countdown"]  # a countdown query in a story, for real language models
 
 def verify(task, completion):
-    """1.0 if `completion` solves `task` (one JSONL record), else 0.0. Never raises, never eval()s."""
+    """1.0 if `completion` solves `task` (a JSONL record), any result it states being the target, else 0.0. Never
+    raises, never eval()s."""
     try:
-        answer = extract_answer(completion)
-        return 0.0 if len(answer) > MAX_ANSWER_CHARS else TASK_TYPES[task["type"]].verify(task, answer)
-    except Exception:  # not a string, say: a malformed task record is reported when loading, not here
+        answer, *stated = answer_line(completion).split("=")
+        ok = len(answer) <= MAX_ANSWER_CHARS and all(s == str(task["target"]) for s in stated)
+        return TASK_TYPES[task["type"]].verify(task, answer) if ok else 0.0
+    except Exception:  # a malformed task record is reported when loading, not here
         return 0.0
 
 def enumerate_solutions(task):
@@ -229,17 +237,17 @@ def build_policy(cfg, tokenizer):
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: RL log-probs must be deterministic
-        activation_function="gelu_pytorch_tanh",  # GPT-2's gelu, fused: its default is 8 separate elementwise ops
+        activation_function="gelu_pytorch_tanh",  # GPT-2's gelu, fused (its default: 8 elementwise ops)
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     config._attn_implementation = TINY_ATTENTION
     return GPT2LMHeadModel(config)
 
 def format_prompts(tokenizer, prompts):
-    """Token ids of each prompt, in the tokenizer's chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
+    """Token ids of each prompt: in the chat template if any (it writes the BOS), else with the tokenizer's BOS."""
+    if chat := bool(getattr(tokenizer, "chat_template", None)):
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                  tokenize=False) for p in prompts]
-    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
 
 @dataclass
 class TaskSet:
@@ -266,12 +274,11 @@ def autocast(device):
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """Eval mode (no dropout, KV cache on) under `autocast`; the model's own mode is restored after."""
+    """Eval mode (KV cache on); the model's own mode is restored after."""
     training = model.training
     model.eval()
     try:
-        with autocast(next(model.parameters()).device):
-            yield model
+        yield model
     finally:
         model.train(training)
 
@@ -286,7 +293,7 @@ class Rollouts:
     texts: list[str]         # decoded completions, EOS excluded
     finished: Tensor         # [B] bool, emitted EOS within max_new_tokens
     entropy: Tensor | None = None      # [B, T] token entropy of the policy while sampling
-    sample_logp: Tensor | None = None  # [B, T] log-prob under the distribution each token was drawn from
+    sample_logp: Tensor | None = None  # [B, T] log-prob under the distribution that drew each token
 
     @property
     def completion_ids(self):
@@ -313,8 +320,8 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts prompts: count real tokens only
 
 class GroupNoise:
-    """The sampler's uniform noise [rows, vocab], a stream per group seeded by (seed, group index): a query's
-    rollouts depend on its place in the batch, not on how the batch is split."""
+    """The sampler's uniform noise [rows, vocab], one stream per group (seed + group index): a query's rollouts do
+    not depend on how the batch is split."""
     def __init__(self, seed, first, rows, group_size, device):
         self.first, self.rows, self.group_size, self.device = first, rows, group_size, device
         groups = range(first // group_size, (first + rows - 1) // group_size + 1)  # the groups these rows overlap
@@ -326,15 +333,18 @@ class GroupNoise:
         offset = self.first - self.streams[0][0] * G
         return rows[offset:offset + self.rows]
 
+def end_ids(tokenizer):  # EOS, or all that `load_tokenizer` found
+    return torch.tensor(getattr(tokenizer, "end_ids", [tokenizer.eos_token_id]))
+
 def _make_rollouts(tokenizer, prompt_ids, prompt_mask, completion, entropy=None, sample_logp=None):
-    is_eos = completion == tokenizer.eos_token_id
+    is_eos = torch.isin(completion, end_ids(tokenizer).to(completion.device))
     finished = is_eos.any(1)
     completion_mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # tokens up to and including the first EOS
     lengths = (completion_mask.sum(1) - finished.long()).tolist()
-    # special tokens stay in the text ("<unk>"), so they never decode into a correct answer
     rows = [row[:n] for row, n in zip(completion.tolist(), lengths)]
-    table = getattr(tokenizer, "id_to_text", None)  # the built-in tokenizer: the same text, faster
-    texts = ["".join(table[i] for i in row) for row in rows] if table else tokenizer.batch_decode(rows)
+    table = getattr(tokenizer, "id_to_text", None)  # the built-in tokenizer: faster, and "<unk>" is never correct
+    texts = (["".join(table[i] for i in row) for row in rows] if table
+             else tokenizer.batch_decode(rows, skip_special_tokens=True))
     input_ids = torch.cat([prompt_ids, completion], 1)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(completion)], 1)
     return Rollouts(input_ids, attention_mask, completion_mask.long(), prompt_ids.shape[1], texts, finished, entropy,
@@ -345,20 +355,20 @@ def _cache_kwarg(model):  # renamed within transformers 5 (5.0: past_key_values;
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, generator=None, with_entropy=False,
-           memory=None, min_p=0.0, stop_at_eos=True, noise=None, width=0):
-    """One completion per prompt (a group repeats its prompt), batched, KV cache, stop at EOS. memory: DLC's memory
-    (draw from its `calibrate`); min_p: drop tokens below min_p x the top untempered probability; noise: a
+           memory=None, min_p=0.0, noise=None, width=0):
+    """One completion per prompt (a group repeats its prompt), batched, KV cache, stop at an end id. memory: DLC's
+    (draws from its `calibrate`); min_p: drop tokens below min_p x the top untempered probability; noise: a
     `GroupNoise` (else `generator`); width: pad prompts to at least this."""
-    with eval_mode(model):  # in train mode, gradient checkpointing would switch the KV cache off
-        device = next(model.parameters()).device
+    device = next(model.parameters()).device
+    with eval_mode(model), autocast(device):  # in train mode, gradient checkpointing would switch the KV cache off
         base, head, cache_kw = model.base_model, model.get_output_embeddings(), _cache_kwarg(model)
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        eos, pad = end_ids(tokenizer).to(device), tokenizer.pad_token_id
         ids, prompt_mask = pad_left(prompt_ids, pad, device, width)
         B, P = ids.shape
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)  # grows by slicing
         cache = DynamicCache(config=model.config)
         pos = positions(prompt_mask)
-        # a group repeats its prompt G times: run each distinct prompt once, then copy its KV cache to every row
+        # a group repeats its prompt: run each distinct prompt once, then copy its KV cache to every row
         keys = [tuple(p) for p in prompt_ids]
         slot = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # the distinct prompts, in order of first row
         unique = torch.tensor([keys.index(key) for key in slot], device=device)
@@ -386,8 +396,8 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, genera
             if with_entropy:
                 ent[:, t] = -(logp.exp() * logp).sum(-1) * (~done)
             out[:, t] = torch.where(done, pad, tok)
-            done = done | (tok == eos)
-            if t == max_new_tokens - 1 or (stop_at_eos and bool(done.all())):  # a host sync per token: worth it
+            done = done | torch.isin(tok, eos)
+            if t == max_new_tokens - 1 or bool(done.all()):  # a host sync per token: worth it
                 break
             next_pos = next_pos + 1
             hidden = base(input_ids=out[:, t:t + 1], attention_mask=mask[:, :P + t + 1], position_ids=next_pos,
@@ -410,18 +420,18 @@ def rewards_for(tasks, rollouts):
     return torch.tensor(r, dtype=torch.float32)
 
 # -- Log-probabilities of completions
-LOGIT_BUDGET = 2**24  # floats in one [rows, vocab] logit tensor (64 MB): what bounds memory for 49k-150k vocabularies
+LOGIT_BUDGET = 2**24  # floats in one [rows, vocab] logit tensor (64 MB): what bounds memory for large vocabularies
 
 def micro_batch(cfg, model, batch, tokens=None):
     """Sequences per forward/backward (tokens=1: per sampling chunk): --micro-batch, else all that fit LOGIT_BUDGET."""
     vocab = model.get_output_embeddings().weight.shape[0]
     return min(batch, cfg.micro_batch or max(1, LOGIT_BUDGET // (vocab * (tokens or cfg.max_new_tokens))))
 
-def completion_logprobs(model, rollouts, with_entropy=False, temperature=1.0):
+def completion_logprobs(model, rollouts, with_entropy=False, temperature=1.0, amp=True):
     """log pi(y_t | q, y_<t) at `temperature` [B, T], token entropy (optional), and the states predicting each
-    token (the memory's inputs)."""
+    token (the memory's inputs); amp=False: fp32."""
     P, T = rollouts.prompt_len, rollouts.completion_ids.shape[1]
-    with autocast(rollouts.input_ids.device):
+    with autocast(rollouts.input_ids.device) if amp else contextlib.nullcontext():
         hidden = model.base_model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
                                   position_ids=positions(rollouts.attention_mask)).last_hidden_state
         hidden = hidden[:, P - 1:P + T - 1]  # the states that predict completion tokens: logits only there
@@ -433,15 +443,20 @@ def completion_logprobs(model, rollouts, with_entropy=False, temperature=1.0):
 
 @torch.no_grad()
 def sequence_logprobs(model, tokenizer, prompt_ids, completions, batch=4096, temperature=1.0):
-    """Exact log pi(completion + EOS | prompt) for each pair: the teacher-forced probability of one mode."""
+    """Exact log pi(completion, then an end id | prompt) per pair, in fp32: the teacher-forced probability of a mode."""
     device, vocab = next(model.parameters()).device, model.get_output_embeddings().weight.shape[0]
+    ends = end_ids(tokenizer).to(device)
     longest = max(map(len, tokenizer(completions, add_special_tokens=False)["input_ids"]), default=0) + 1  # EOS
     batch = max(1, min(batch, LOGIT_BUDGET // (vocab * longest)))
     out = []
-    with eval_mode(model):  # no dropout, even if gradient checkpointing keeps the policy in train mode
+    with eval_mode(model):
         for i in range(0, len(completions), batch):
             r = rollouts_from_text(tokenizer, prompt_ids[i:i + batch], completions[i:i + batch], device)
-            logp, _, _ = completion_logprobs(model, r, temperature=temperature)
+            logp, _, hidden = completion_logprobs(model, r, temperature=temperature, amp=False)
+            if len(ends) > 1:  # a mode ends at any end id: their probabilities add up
+                rows, last = torch.arange(len(logp), device=device), r.completion_mask.sum(1) - 1
+                logits = model.get_output_embeddings()(hidden[rows, last]).float() / temperature
+                logp[rows, last] = torch.log_softmax(logits, -1)[:, ends].logsumexp(-1)
             out.append((logp * r.completion_mask).sum(1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -526,8 +541,8 @@ class Memory:
 def ppo_clip_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_coef=0.0, entropy=None,
                   entropy_coef=0.0, weights=None, norm=None):
     """Token-level PPO-clip surrogate, k3 KL, entropy bonus: (loss, metrics). logp, old_logp, ref_logp, entropy,
-    weights, mask: [B, T]; advantages: [B]. norm: the token sums' divisor (Dr. GRPO's constant, or the whole batch's
-    count). weights (pi/q) scale every term: the batch of q's samples then stands for pi's, in KL and entropy too."""
+    weights, mask: [B, T]; advantages: [B]. norm: the sums' divisor (Dr. GRPO's constant or the batch's token count).
+    weights (pi/q per token) scale the sampled token's terms (surrogate, k3 KL), not the state's exact entropy."""
     mask = mask.float()
     n_tokens = mask.sum().clamp(min=1)
     denom = n_tokens if norm is None else torch.tensor(float(norm), device=mask.device)
@@ -542,9 +557,9 @@ def ppo_clip_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None,
         log_r = ref_logp - logp
         kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), always >= 0
         loss = loss + kl_coef * (kl * w).sum() / denom
-        metrics["kl"] = ((kl * w).sum() / n_tokens).item()
+        metrics["kl"] = ((kl * w).sum() / n_tokens).item()  # under a weight cap it reads low
     if entropy is not None and entropy_coef:
-        loss = loss - entropy_coef * (entropy * w).sum() / denom
+        loss = loss - entropy_coef * (entropy * mask).sum() / denom
     return loss, metrics
 
 # -- A method: an estimator joined by '+' with modifiers ('iac+dlc'); Part 2 adds the others
@@ -845,7 +860,7 @@ def check_task(task, where):
     if problem := TASK_TYPES[kind].check(task) or ("empty prompt" if not task["prompt"] else None):
         raise UserError(f"{where}: {problem}")
     if not enumerate_solutions(task):
-        raise UserError(f"{where}: task {task.get('id', task['prompt'])!r} has no correct answer")
+        raise UserError(f"{where}: task {task['id']!r} has no correct answer")
 
 def load_tasks(folder, split):
     """Read and check one split; a problem ends with a message naming the file and line."""
@@ -880,10 +895,10 @@ def validate_config(cfg):
         *[(k, getattr(cfg, k) >= 1, "at least 1", None) for k in
           ("queries_per_step", "ws_batch", "eval_n", "max_new_tokens", "ppo_epochs")],
         *[(k, getattr(cfg, k) >= 0, "at least 0", None) for k in ("steps", "ws_steps", "micro_batch", "eval_every",
-                                                                  "save_every", "threads", "dlc_is_cap",
-                                                                  "rollout_temperature")],
+                                                                  "save_every", "threads", "rollout_temperature")],
         *[(k, getattr(cfg, k) > 0, "positive", None) for k in ("lr", "ws_lr", "temperature")],
         ("rollout_min_p", 0 <= cfg.rollout_min_p < 1, "in [0, 1)", None),
+        ("dlc_is_cap", cfg.dlc_is_cap == 0 or cfg.dlc_is_cap >= 1, "0 (off) or at least 1", None),
         ("eval_split", cfg.eval_split in ("val", "test", "val,test"), "val, test or val,test", None),
         ("device", cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), "auto, cpu or cuda[:N]", None),
         ("dlc_mu", 0 <= cfg.dlc_mu <= 2, "in [0, 2]", "dlc"),
@@ -901,11 +916,17 @@ def validate_config(cfg):
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
 
+def question_key(task):
+    """What a task asks, wording aside: its type, operators and fields (numbers as a multiset)."""
+    fields = [sorted(task[k]) if isinstance(task[k], list) else task[k] for k in TASK_TYPES[task["type"]].fields]
+    return json.dumps([task["type"], sorted(task.get("ops", "+-*")), *fields])
+
 def load_splits(cfg, tokenizer):
-    """The training and held-out split(s), checked; a warning for each prompt they share."""
+    """The training and held-out split(s), checked; a warning for each question they share, however worded."""
     raw = {s: load_tasks(cfg.tasks, s) for s in ("train", *cfg.eval_split.split(","))}
-    train = {t["prompt"] for t in raw["train"]}
-    for line in sorted({f"{s}: {t['prompt']!r}" for s in raw if s != "train" for t in raw[s] if t["prompt"] in train}):
+    train = {question_key(t) for t in raw["train"]}
+    for line in sorted({f"{s}: {t['prompt']!r}" for s in raw if s != "train" for t in raw[s]
+                        if question_key(t) in train}):
         print(f"rlvr.py: warning: held-out query also in train.jsonl: {line}", file=sys.stderr)
     return {s: TaskSet.build(tasks, tokenizer) for s, tasks in raw.items()}
 
@@ -920,19 +941,28 @@ def attention_for(cfg):  # our kernels for the built-in model, a real model's ow
     return None if cfg.model else TINY_ATTENTION
 
 def load_tokenizer(path=None):
-    """The built-in tokenizer, or a model's own, left-padding, with a pad token."""
+    """The built-in tokenizer, or a model's own: left padding, a pad token, and `end_ids`: what ends a turn."""
     if not path:
         return build_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # Llama's have none; pads are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
+    try:  # an int or a list (Llama-3 ends turns with <|eot_id|>, Gemma with <end_of_turn>)
+        ends = transformers.GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        ends = None
+    tokenizer.end_ids = sorted({tokenizer.eos_token_id} | set(ends if isinstance(ends, list) else [ends]) - {None})
     return tokenizer
 
 def load_policy(path, device, attn_implementation=None, grad_checkpointing=False):
-    """Any causal LM, fp32 weights on every device (transformers checkpoints in train mode only)."""
+    """Any causal LM, fp32 weights on every device, dropout off (as TRL): gradient checkpointing keeps it training."""
     kwargs = {"dtype": torch.float32} | ({"attn_implementation": attn_implementation} if attn_implementation else {})
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    for module in [model.config, *model.modules()]:  # nn.Dropout's p, GPT-2's resid_pdrop, Llama's attention_dropout
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("drop" in name or name == "p" and isinstance(module, torch.nn.Dropout)):
+                setattr(module, name, 0.0)
     if grad_checkpointing:
         model.gradient_checkpointing_enable()
         model.train()
@@ -1137,7 +1167,7 @@ def flat_metrics(m):
     flat = {k: v for k, v in m.items() if not isinstance(v, dict)}
     return flat | {f"{name}@{k}": v for name in ("pass", "exact_pass") for k, v in m[f"{name}@k"].items()}
 
-# n: samples per query. The paper's AVG@8 and PASS@8 (8 samples) estimate our pass@1 and pass@8 from n samples.
+# The paper's AVG@8 and PASS@8 (8 samples) estimate our pass@1 and pass@8 (from n samples per query).
 COLUMNS = ("pass@1", "pass@8", "exact_pass@n", "exact_coverage", "oversharpened")  # what the demo prints
 HEADERS = {"pass@1": "pass@1 = AVG@8", "pass@8": "pass@8 = PASS@8"}
 
@@ -1213,34 +1243,6 @@ def cli(argv=None):
     except UserError as e:
         print(f"rlvr.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-# -- Scaling out: IAC in verl (multi-GPU RLVR)
-def inverse_success_calibration_flat(advantages, rewards, group_ids, alpha=1.0):
-    """IAC on flat [N] tensors, a group label per sample (verl's and TRL's layout)."""
-    labels = group_ids.tolist() if hasattr(group_ids, "tolist") else list(group_ids)  # ints, strings, uids
-    dense: dict = {}
-    ids = torch.tensor([dense.setdefault(x, len(dense)) for x in labels], dtype=torch.long, device=advantages.device)
-    size = torch.bincount(ids).to(advantages.dtype)
-    correct = torch.bincount(ids, weights=(rewards > 0).to(advantages.dtype))
-    factor = (size - correct)[ids] ** alpha
-    calibrated = torch.where((advantages > 0) & (rewards > 0), advantages * factor, advantages)
-    return torch.where(factor == 0, 0.0, calibrated)
-
-def register_verl_iac(name="grpo_iac", alpha=1.0):
-    """IAC over verl's GRPO estimator as algorithm.adv_estimator=`name` (needs verl): verl broadcasts one advantage
-    per sequence over its tokens; IAC scales that value."""
-    from verl.trainer.ppo import core_algos
-    def compute_grpo_iac_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
-                                   norm_adv_by_std_in_grpo=True, config=None, **kwargs):
-        advantages, _ = core_algos.compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
-                                                                  norm_adv_by_std_in_grpo, config)
-        per_sequence = (advantages * response_mask).sum(-1) / response_mask.sum(-1).clamp(min=1)
-        calibrated = inverse_success_calibration_flat(per_sequence, token_level_rewards.sum(-1), index, alpha)
-        advantages = calibrated.unsqueeze(-1) * response_mask
-        return advantages, advantages
-    if core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is None:
-        core_algos.register_adv_est(name)(compute_grpo_iac_advantage)
-    return core_algos.get_adv_estimator_fn(name)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ our step vs TRL's GRPOTrainer (--trl); and the figures a GPU owner should report
   python toy_tasks/bench.py --trl --no-scaling --out runs/bench-trl    # needs pip install trl
   python toy_tasks/bench.py --gpu-check --out runs/gpu-check   # on a GPU: bench, the demo, the SmolLM2 run
 """
+import copy
 import dataclasses
 import json
 import random
@@ -68,8 +69,11 @@ def bench(cfg: rlvr.Config, repeats: int = 15, scaling: bool = True) -> dict:
     for _ in range(3):  # warm up, and give the memory something to remember
         step("iac+dlc", queries)
 
+    never_stops = copy.copy(tokenizer)
+    never_stops.end_ids = [-1]  # no token ends a completion: fixed-length decoding
+
     def ours(mem=None, prompts=prompts, T=cfg.max_new_tokens, stop=True):
-        r = rlvr.sample(policy, tokenizer, prompts, T, cfg.temperature, gen, memory=mem, stop_at_eos=stop)
+        r = rlvr.sample(policy, tokenizer if stop else never_stops, prompts, T, cfg.temperature, gen, memory=mem)
         sync()
         return int(r.completion_mask.sum()) if stop else r.completion_ids.numel()
 

@@ -1,7 +1,8 @@
-"""Why RLVR collapses, shown in seconds: sampling bias, semantic coupling and the mass on each correct answer.
+"""Why RLVR collapses, shown in seconds: sampling bias, semantic coupling, the mass on each correct answer, and
+where DLC's diversity comes from.
 
-  python toy_tasks/lessons.py                      # all three lessons, and runs/explain/explain.png
-  python toy_tasks/lessons.py --lesson coupling    # one of bias, coupling, modes
+  python toy_tasks/lessons.py                      # all four lessons, and runs/explain/explain.png
+  python toy_tasks/lessons.py --lesson coupling    # one of bias, coupling, modes, credit
   python toy_tasks/lessons.py --runs runs/demo     # whose checkpoints join lesson 3 (run python rlvr.py first)
 """
 import copy
@@ -159,26 +160,38 @@ def mode_mass_table(cfg: rlvr.Config, tokenizer, task: dict, prompt_ids: list[in
     return sols, columns
 
 
-def sequence_logq(model, memory, tokenizer, prompt_ids: list[list[int]], completions: list[str]) -> Tensor:
-    """Exact log q(completion + EOS | prompt) under DLC's sampler: the calibrated distribution at every position."""
-    r = rlvr.rollouts_from_text(tokenizer, prompt_ids, completions, next(model.parameters()).device)
-    with torch.no_grad():
-        _, _, hidden = rlvr.completion_logprobs(model, r)
-        logp_all = torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
-        logq = memory.calibrate(logp_all, hidden).gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
-    return (logq * r.completion_mask).sum(1)
+def sequence_logq(model, memory, tokenizer, prompt_ids: list[list[int]], completions: list[str],
+                  temperature: float, min_p: float = 0.0, batch: int = 256) -> Tensor:
+    """Exact log q(completion + EOS | prompt) under DLC's sampler, built as `rlvr.sample` builds it at every
+    position: the tempered policy, calibrated by the memory, cut to the untempered plausible tokens."""
+    out = []
+    for i in range(0, len(completions), batch):
+        r = rlvr.rollouts_from_text(tokenizer, prompt_ids[i:i + batch], completions[i:i + batch],
+                                    next(model.parameters()).device)
+        with torch.no_grad(), rlvr.eval_mode(model):
+            _, _, hidden = rlvr.completion_logprobs(model, r)
+            logits = model.get_output_embeddings()(hidden).float()
+            logq = memory.calibrate(torch.log_softmax(logits / temperature, dim=-1), hidden)
+            if min_p > 0:
+                implausible = logits < logits.max(-1, keepdim=True).values + math.log(min_p)
+                logq = torch.log_softmax(logq.masked_fill(implausible, -math.inf), dim=-1)
+        out.append((logq.gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1) * r.completion_mask).sum(1))
+    return torch.cat(out)
 
 
-def fit_memory(cfg: rlvr.Config, model, tokenizer, train: rlvr.TaskSet, steps: int = 4):
-    """DLC's memory after its first `steps` steps, the policy held fixed: fitted, step by step, to what the
-    calibrated sampler drew (a batch of 16 training queries x 8 samples each)."""
+def fit_memory(cfg: rlvr.Config, model, tokenizer, train: rlvr.TaskSet, steps: int = 5):
+    """DLC's memory after its first `steps` steps, the policy held fixed: each step fitted to what the calibrated
+    sampler drew for --queries-per-step training queries x --group-size samples, as in training."""
     device = next(model.parameters()).device
-    torch.manual_seed(cfg.seed)
-    memory = rlvr.Memory(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg, device)
+    with torch.random.fork_rng(devices=[]):  # the memory's init, without touching the caller's random state
+        torch.manual_seed(cfg.seed)
+        memory = rlvr.Memory(model.config.hidden_size, model.get_output_embeddings().weight.shape[0], cfg, device)
     rng, gen = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
     for _ in range(steps):
-        prompts = [train.prompt_ids[rng.randrange(len(train))] for _ in range(16) for _ in range(8)]
-        r = rlvr.sample(model, tokenizer, prompts, cfg.max_new_tokens, generator=gen, memory=memory)
+        queries = [rng.randrange(len(train)) for _ in range(cfg.queries_per_step)]
+        prompts = [train.prompt_ids[q] for q in queries for _ in range(cfg.group_size)]
+        r = rlvr.sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.rollout_temperature or cfg.temperature,
+                        gen, memory=memory, min_p=cfg.rollout_min_p)
         with torch.no_grad():
             _, _, hidden = rlvr.completion_logprobs(model, r)
         memory.update(hidden, r.completion_ids, r.completion_mask)
@@ -186,7 +199,7 @@ def fit_memory(cfg: rlvr.Config, model, tokenizer, train: rlvr.TaskSet, steps: i
 
 
 class SumOfUpdates:
-    """An optimiser that adds up the (clipped) gradient of every update it is handed instead of taking a step."""
+    """An optimiser that keeps the gradient it is handed instead of taking a step; `add` sums it, unclipped."""
 
     def __init__(self, params):
         self.params = list(params)
@@ -197,36 +210,53 @@ class SumOfUpdates:
             p.grad = None
 
     def step(self):
-        for total, p in zip(self.total, self.params):
-            total += p.grad
+        self.last = [p.grad.clone() for p in self.params]
+
+    def add(self, grad_norm: float):
+        """Add the last gradient as it was before `update_policy` clipped it to norm 1."""
+        for total, g in zip(self.total, self.last):
+            total += g * max(1.0, grad_norm + 1e-6)
 
 
 def credit_lesson(cfg: rlvr.Config, model, tokenizer, train: rlvr.TaskSet, query: int, groups: int = 100,
-                  lr: float = 0.05, caps: tuple = (0.0, 1.0)) -> dict:
+                  lr: float = 0.005, caps: tuple = (0.0, 1.0)) -> dict:
     """Where DLC's diversity comes from. For each correct answer of one query: its probability under the policy
-    (pi) and under DLC's sampler (q), and how the expected IAC+DLC update moves log pi: the mean of the updates of
-    `groups` groups drawn from q (the same groups for every cap), applied as one SGD step of `lr`. Without an
-    importance weight (the default) every drawn answer gets full on-policy credit; with min(pi/q, cap) per token
-    the answers q draws more often than pi would get less."""
+    (pi) and under DLC's sampler (q), in how many of `groups` groups q drew it, and how the expected IAC+DLC update
+    moves log pi: the mean gradient of those groups (the same groups for every cap), applied as one step of norm
+    `lr`, small enough to be linear (training clips its batch gradient to norm 1, so directions are what differ).
+    Without an importance weight (the default) every drawn answer gets full on-policy credit; with min(pi/q, cap)
+    per token, the answers q draws more often than pi would get less."""
     memory = fit_memory(cfg, model, tokenizer, train)
-    sols, prompt = train.solutions[query], train.prompt_ids[query]
-    logp = rlvr.sequence_logprobs(model, tokenizer, [prompt] * len(sols), sols)
-    logq = sequence_logq(model, memory, tokenizer, [prompt] * len(sols), sols)
+    T, sols, prompt = cfg.rollout_temperature or cfg.temperature, train.solutions[query], train.prompt_ids[query]
+    logp = rlvr.sequence_logprobs(model, tokenizer, [prompt] * len(sols), sols, temperature=T)
+    logq = sequence_logq(model, memory, tokenizer, [prompt] * len(sols), sols, T, cfg.rollout_min_p)
     out = {"query": train.tasks[query]["prompt"], "completions": sols, "pi": logp.exp().tolist(),
-           "q": logq.exp().tolist(), "groups": groups, "lr": lr, "delta": {}, "drawn": {}}
+           "q": logq.exp().tolist(), "q/pi": (logq - logp).exp().tolist(), "groups": groups, "G": cfg.group_size,
+           "lr": lr, "delta": {}, "groups_drawn": dict.fromkeys(sols, 0)}
     for cap in caps:
         step_cfg, policy = dataclasses.replace(cfg, method="iac+dlc", dlc_is_cap=cap), copy.deepcopy(model)
         updates = SumOfUpdates(policy.parameters())
         for g in range(groups):
             batch = rlvr.collect_rollouts(step_cfg, policy, tokenizer, train, [query], 1000 + g, memory=memory)
-            rlvr.update_policy(step_cfg, policy, updates, batch)
-            for text, r in zip(batch.rollouts.texts, batch.rewards.view(-1).tolist()):
-                out["drawn"][text] = out["drawn"].get(text, 0) + (r > 0) / len(caps)
-        with torch.no_grad():
+            updates.add(rlvr.update_policy(step_cfg, policy, updates, batch)["grad_norm"])
+            if cap == caps[0]:  # every cap sees the same groups: the policy moves only after the last one
+                for text in {t for t, r in zip(batch.rollouts.texts, batch.rewards.view(-1).tolist()) if r > 0}:
+                    out["groups_drawn"][text] += 1
+        norm = torch.cat([t.flatten() for t in updates.total]).norm().clamp(min=1e-12)  # 0 if no group had a gradient
+        with torch.no_grad():  # a step of norm lr: training clips its batch gradient to norm 1 (almost every step)
             for total, p in zip(updates.total, updates.params):
-                p -= lr * total / groups
-        out["delta"][cap] = (rlvr.sequence_logprobs(policy, tokenizer, [prompt] * len(sols), sols) - logp).tolist()
+                p -= lr * total / norm
+        out["delta"][cap] = (rlvr.sequence_logprobs(policy, tokenizer, [prompt] * len(sols), sols, temperature=T)
+                             - logp).tolist()
     return out
+
+
+def credit_categories(c: dict) -> dict:
+    """The lesson's three kinds of correct answer (boolean masks over c['completions'])."""
+    drawn = np.array([c["groups_drawn"][o] > 0 for o in c["completions"]])
+    over = np.array(c["q/pi"]) >= 2
+    return {"rare under pi, drawn by q (q/pi >= 2)": over & drawn, "never drawn": ~drawn,
+            "drawn, q/pi < 2": ~over & drawn}
 
 
 def explain(cfg: rlvr.Config, runs_dir: Path, lesson: str = "all") -> dict:
@@ -312,27 +342,35 @@ def explain(cfg: rlvr.Config, runs_dir: Path, lesson: str = "all") -> dict:
         print(f"   {'below base':>10}" + "".join(f"{int((v < cols['base']).sum()):12d}" for v in cols.values()))
     if lesson in ("all", "credit"):
         c = report["credit"] = credit_lesson(cfg, base, tokenizer, train, query)
-        pi, q, drawn = np.array(c["pi"]), np.array(c["q"]), np.array([c["drawn"].get(o, 0) for o in c["completions"]])
+        pi, q, ratio, G = np.array(c["pi"]), np.array(c["q"]), np.array(c["q/pi"]), c["G"]
+        drawn = np.array([c["groups_drawn"][o] for o in c["completions"]])
         no, capped = (np.array(c["delta"][cap]) for cap in (0.0, 1.0))
-        print(f"\n4. WHERE DLC'S DIVERSITY COMES FROM on {c['query']!r}: DLC's memory after its first 4 steps (the "
+        print(f"\n4. WHERE DLC'S DIVERSITY COMES FROM on {c['query']!r}: DLC's memory after its first 5 steps (the "
               "policy held fixed). Per correct completion:")
-        print("   pi and q, its probability under the policy and under DLC's sampler; drawn, how often the "
-              f"{c['groups']} groups of 8 drawn from q")
-        print("   sampled it; the change in log pi from the expected IAC+DLC update (the mean update of those groups, "
-              f"as one SGD step of lr {c['lr']})")
+        print(f"   pi and q, its exact probability under the policy and under DLC's sampler; in a group: the chance "
+              f"that a group of {G}")
+        print(f"   drawn from pi holds it, 1-(1-pi)^{G}, and the share of {c['groups']} groups drawn from q that did; "
+              "the change in log pi from the expected")
+        print(f"   IAC+DLC update (the mean gradient of those groups as one step of norm {c['lr']}: training clips "
+              "its gradient, so the direction is what counts),")
         print("   with no importance weight (the default) and with min(pi/q, 1) per token.")
-        print(f"   {'completion':>10} {'pi':>8} {'q':>8} {'q/pi':>6} {'drawn':>6} {'no weight':>10} {'min(pi/q,1)':>12}")
-        order = list(np.argsort(q / pi)[::-1])
-        for i in order[:6] + order[len(order) // 2:len(order) // 2 + 2] + order[-4:]:
-            print(f"   {c['completions'][i]:>10} {pi[i]:8.4f} {q[i]:8.4f} {q[i] / pi[i]:6.2f} {drawn[i]:6.0f} "
-                  f"{no[i]:+10.4f} {capped[i]:+12.4f}")
-        boosted, unsampled = q / pi >= 2, drawn == 0
+        print(f"   {'completion':>10} {'pi':>8} {'q':>8} {'q/pi':>6} {'in a group: pi':>15} {'q':>5} {'no weight':>10} "
+              f"{'min(pi/q,1)':>12}")
+        order = list(np.argsort(ratio)[::-1])
+        rows = order if len(order) <= 12 else order[:6] + order[len(order) // 2:len(order) // 2 + 2] + order[-4:]
+        for i in rows:
+            print(f"   {c['completions'][i]:>10} {pi[i]:8.4f} {q[i]:8.4f} {ratio[i]:6.2f} {1 - (1 - pi[i]) ** G:15.2f} "
+                  f"{drawn[i] / c['groups']:5.2f} {no[i]:+10.4f} {capped[i]:+12.4f}")
         print(f"   ...     ({len(pi)} rows in all; P(correct) {pi.sum():.4f} under pi, {q.sum():.4f} under q; after "
               f"the update {(pi * np.exp(no)).sum():.4f} with no weight, {(pi * np.exp(capped)).sum():.4f} with it)")
-        for name, rows in (("drawn, boosted (q/pi >= 2)", boosted & ~unsampled), ("never drawn", unsampled),
-                           ("the rest", ~boosted & ~unsampled)):
-            print(f"   {name:>26} ({int(rows.sum()):2d}): mean change {no[rows].mean():+.4f} with no weight, "
-                  f"{capped[rows].mean():+.4f} with it")
+        mean = lambda v, rows: f"{v[rows].mean():+.4f}" if rows.any() else "      -"  # noqa: E731
+        for name, rows in credit_categories(c).items():
+            print(f"   {name:>38} ({int(rows.sum()):2d}): mean change {mean(no, rows)} with no weight, "
+                  f"{mean(capped, rows)} with it")
+        rare = credit_categories(c)["rare under pi, drawn by q (q/pi >= 2)"]
+        if rare.any():
+            print(f"   The answers the policy rarely samples but DLC's sampler draws gain {no[rare].mean():+.4f} with full "
+                  f"credit and {capped[rare].mean():+.4f} with the weight: what DLC adds is credit, not just draws.")
     plot_explain(report, Path(cfg.out))
     return report
 
@@ -363,9 +401,14 @@ def plot_explain(report: dict, out: Path) -> None:
             ax.axhline(0, color="k", lw=0.5)
             ax.set(ylabel="mean change in log-prob", title=f"reinforcing {r['completion']!r} on {r['query']!r}")
         elif key == "credit":
-            ratio = np.array(r["q"]) / np.array(r["pi"])
-            for cap, label in ((0.0, "no importance weight"), (1.0, "min(pi/q, 1)")):
-                ax.scatter(ratio, r["delta"][cap], s=12, label=label)
+            ratio, drawn = np.array(r["q/pi"]), np.array([r["groups_drawn"][o] > 0 for o in r["completions"]])
+            ax.vlines(ratio, r["delta"][0.0], r["delta"][1.0], color="0.7", lw=0.8)  # one answer's two updates
+            for cap, label, color in ((0.0, "no importance weight", "C0"), (1.0, "min(pi/q, 1)", "C1")):
+                delta = np.array(r["delta"][cap])
+                for rows, kind, face in ((drawn, "drawn by q", color), (~drawn, "never drawn", "none")):
+                    if rows.any():
+                        ax.scatter(ratio[rows], delta[rows], s=14, facecolors=face, edgecolors=color,
+                                   label=f"{label} ({kind})")
             ax.axhline(0, color="k", lw=0.5)
             ax.set(xscale="log", xlabel="q / pi of a correct completion", ylabel="change in log pi, expected update",
                    title=f"credit under DLC on {r['query']!r}")

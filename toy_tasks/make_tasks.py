@@ -28,20 +28,21 @@ ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies"]
 
 
 def make_word_problems(rng: random.Random, n: int) -> list[dict]:
-    """Stories whose answer is an expression over their three numbers: several orders are correct, all enumerable."""
+    """Stories whose answer is an expression over their three numbers: several orders are correct, all enumerable.
+    No two ask the same arithmetic (numbers and target), however worded, so the splits share no question."""
     tasks, seen = [], set()
     while len(tasks) < n:
         story, value = rng.choice(WORD_TEMPLATES)
         a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
         text = story.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b, c=c)
-        if text in seen:
+        if (key := (tuple(sorted((a, b, c))), value(a, b, c))) in seen:
             continue
-        seen.add(text)
+        seen.add(key)
         prompt = (f"{text} Write one arithmetic expression that uses each of the numbers {a}, {b} and {c} exactly "
                   f"once, with only +, - and * and no brackets, whose value is how many there are at the end. "
                   f"Put the expression alone on the last line.")
         task = {"id": f"wp-{len(tasks)}", "type": "word_problem", "prompt": prompt, "numbers": [a, b, c],
-                "target": value(a, b, c)}
+                "target": value(a, b, c), "ops": "+-*"}
         task["num_solutions"] = len(enumerate_countdown(task))
         tasks.append(task)
     return tasks
@@ -49,7 +50,7 @@ def make_word_problems(rng: random.Random, n: int) -> list[dict]:
 
 def make_small_lm_tasks(rng: random.Random, n: int) -> list[dict]:
     """Countdown questions a 135M-parameter instruct model solves now and then: two or three numbers 2-9, + and *,
-    asked in words, the answer alone on the last line. Each has at least two correct expressions (orders)."""
+    asked in words, the answer alone on the last line. Each has at least two correct expressions with + and *."""
     tasks, seen = [], set()
     while len(tasks) < n:
         nums = [rng.randint(2, 9) for _ in range(rng.choice((2, 3)))]
@@ -59,7 +60,8 @@ def make_small_lm_tasks(rng: random.Random, n: int) -> list[dict]:
         names = " and ".join(map(str, nums)) if len(nums) == 2 else f"{nums[0]}, {nums[1]} and {nums[2]}"
         prompt = (f"Use the numbers {names} once each, with + or *, to make {target}. "
                   "Write the expression alone on the last line.")
-        task = {"id": f"lm-{len(tasks)}", "type": "countdown", "prompt": prompt, "numbers": nums, "target": target}
+        task = {"id": f"lm-{len(tasks)}", "type": "countdown", "prompt": prompt, "numbers": nums, "target": target,
+                "ops": "+*"}
         task["num_solutions"] = len(enumerate_countdown(task))
         if key not in seen and target < 100 and task["num_solutions"] >= 2:
             seen.add(key)

@@ -13,11 +13,26 @@ def test_committed_task_files_are_the_generator_output(tmp_path):
         for split in ("train", "val", "test"):
             path = f"{folder}/{split}.jsonl".lstrip("/")
             assert (tmp_path / path).read_text() == (TOY / path).read_text(), path
-    prompts = {s: {t["prompt"] for t in rlvr.load_tasks(tmp_path, s)} for s in ("train", "val", "test")}
-    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"]
-    assert not prompts["val"] & prompts["test"]
     for t in rlvr.load_tasks(tmp_path, "train"):
         assert t["num_solutions"] == len(rlvr.enumerate_solutions(t)) >= 3
+
+
+@pytest.mark.parametrize("folder", ["", "word_problems", "small_lm"])
+def test_no_question_is_asked_in_two_splits_however_worded(folder):
+    keys = {s: [rlvr.question_key(t) for t in rlvr.load_tasks(TOY / folder, s)] for s in ("train", "val", "test")}
+    assert all(len(set(k)) == len(k) for k in keys.values())
+    assert not set(keys["train"]) & set(keys["test"]) and not set(keys["train"]) & set(keys["val"])
+    assert not set(keys["val"]) & set(keys["test"])
+
+
+@pytest.mark.parametrize("folder,ops,words", [("word_problems", "+-*", "with only +, - and *"),
+                                              ("small_lm", "+*", "with + or *")])
+def test_the_verifier_allows_the_operators_the_prompt_names(folder, ops, words):
+    for split in ("train", "val", "test"):
+        for t in rlvr.load_tasks(TOY / folder, split):
+            assert words in t["prompt"] and t["ops"] == ops, t["id"]
+            assert t["num_solutions"] == len(rlvr.enumerate_solutions(t)) >= 1
+            assert all(set(s) - set("0123456789") <= set(ops) for s in rlvr.enumerate_solutions(t))
 
 
 @pytest.mark.parametrize("n_val", [40, 10])
