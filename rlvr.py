@@ -333,7 +333,7 @@ class GroupNoise:
         offset = self.first - self.streams[0][0] * G
         return rows[offset:offset + self.rows]
 
-def end_ids(tokenizer):  # EOS, or all that `load_tokenizer` found
+def end_ids(tokenizer):  # EOS, or what `load_tokenizer` found
     return torch.tensor(getattr(tokenizer, "end_ids", [tokenizer.eos_token_id]))
 
 def _make_rollouts(tokenizer, prompt_ids, prompt_mask, completion, entropy=None, sample_logp=None):
@@ -453,7 +453,7 @@ def sequence_logprobs(model, tokenizer, prompt_ids, completions, batch=4096, tem
         for i in range(0, len(completions), batch):
             r = rollouts_from_text(tokenizer, prompt_ids[i:i + batch], completions[i:i + batch], device)
             logp, _, hidden = completion_logprobs(model, r, temperature=temperature, amp=False)
-            if len(ends) > 1:  # a mode ends at any end id: their probabilities add up
+            if len(ends) > 1:  # any end id ends a mode: their probabilities add up
                 rows, last = torch.arange(len(logp), device=device), r.completion_mask.sum(1) - 1
                 logits = model.get_output_embeddings()(hidden[rows, last]).float() / temperature
                 logp[rows, last] = torch.log_softmax(logits, -1)[:, ends].logsumexp(-1)
@@ -557,7 +557,7 @@ def ppo_clip_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None,
         log_r = ref_logp - logp
         kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), always >= 0
         loss = loss + kl_coef * (kl * w).sum() / denom
-        metrics["kl"] = ((kl * w).sum() / n_tokens).item()  # under a weight cap it reads low
+        metrics["kl"] = ((kl * w).sum() / n_tokens).item()  # reads low under a cap
     if entropy is not None and entropy_coef:
         loss = loss - entropy_coef * (entropy * mask).sum() / denom
     return loss, metrics
@@ -863,7 +863,7 @@ def check_task(task, where):
         raise UserError(f"{where}: task {task['id']!r} has no correct answer")
 
 def load_tasks(folder, split):
-    """Read and check one split; a problem ends with a message naming the file and line."""
+    """Read and check one split; a problem names its file and line."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"task folder {str(folder)!r} not found (python toy_tasks/make_tasks.py --out {folder})")
@@ -941,14 +941,16 @@ def attention_for(cfg):  # our kernels for the built-in model, a real model's ow
     return None if cfg.model else TINY_ATTENTION
 
 def load_tokenizer(path=None):
-    """The built-in tokenizer, or a model's own: left padding, a pad token, and `end_ids`: what ends a turn."""
+    """The built-in tokenizer, or a model's own: left padding, a pad token, `end_ids` (what ends a turn)."""
     if not path:
         return build_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:  # Llama's have none; pads are masked out anyway
+    if tokenizer.eos_token is None:
+        raise UserError(f"{path}: the tokenizer has no EOS token")
+    if tokenizer.pad_token is None:  # Llama's have none; pads are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
-    try:  # an int or a list (Llama-3 ends turns with <|eot_id|>, Gemma with <end_of_turn>)
+    try:  # an int or a list (Llama-3's <|eot_id|>, Gemma's <end_of_turn>)
         ends = transformers.GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:  # no generation_config.json
         ends = None
@@ -1117,7 +1119,7 @@ def train(cfg, resume=False, micro_batch_now=None):
             raise UserError(f"longest prompt + --max-new-tokens = {longest} tokens, over the model's {limit}")
         memory = None
         if "dlc" in parts:
-            torch.manual_seed(cfg.seed)  # the memory's init must not depend on whether the base was cached
+            torch.manual_seed(cfg.seed)  # the same memory init, cached base or not
             memory = Memory(policy.config.hidden_size, policy.get_output_embeddings().weight.shape[0], cfg, device)
         sampler = torch.Generator(device=device).manual_seed(cfg.seed)
         state = RunState(sampler, random.Random(cfg.seed), *eval_all(policy, tag="base "))
@@ -1167,7 +1169,7 @@ def flat_metrics(m):
     flat = {k: v for k, v in m.items() if not isinstance(v, dict)}
     return flat | {f"{name}@{k}": v for name in ("pass", "exact_pass") for k, v in m[f"{name}@k"].items()}
 
-# The paper's AVG@8 and PASS@8 (8 samples) estimate our pass@1 and pass@8 (from n samples per query).
+# The paper's AVG@8 and PASS@8 are our pass@1 and pass@8 (estimated from n samples per query).
 COLUMNS = ("pass@1", "pass@8", "exact_pass@n", "exact_coverage", "oversharpened")  # what the demo prints
 HEADERS = {"pass@1": "pass@1 = AVG@8", "pass@8": "pass@8 = PASS@8"}
 
@@ -1187,8 +1189,7 @@ def results_table(rows, splits, columns=COLUMNS, cell="{:.3f}".format):
 
 def demo(cfg):
     """GRPO and IAC+DLC from one base, same seed and budget, side by side."""
-    t0 = time.perf_counter()
-    columns, timing = {}, {}
+    t0, columns, timing = time.perf_counter(), {}, {}
     for method in ("grpo", "iac+dlc"):
         summary = train(dataclasses.replace(cfg, method=method, out=str(Path(cfg.out) / method.replace("+", "-"))))
         columns.setdefault("base", summary["base"])

@@ -1132,7 +1132,9 @@ def test_sampling_stops_at_every_end_of_turn_token_and_keeps_special_tokens_out_
     policy, tokenizer = rlvr.load_policy(tmp_path / "chat", torch.device("cpu"))
     r = rlvr.sample(policy, tokenizer, [prompt] * 8, max_new_tokens=24, generator=torch.Generator().manual_seed(0))
     assert r.finished.all() and r.texts == ["3*5+7"] * 8, r.texts
-    assert (r.completion_mask.sum(1) == 6).all()  # five characters and the end of the turn
+    assert (r.completion_mask.sum(1) == 6).all()  # five characters and the end of the turn ...
+    assert (r.completion_ids[:, 5] == tokenizer.convert_tokens_to_ids("<eot>")).all()
+    assert (r.completion_ids[:, 6:] == tokenizer.pad_token_id).all()  # ... where decoding stopped: pads after it
     assert rlvr.rewards_for([CD] * 8, r).tolist() == [1.0] * 8
     # the exact metrics: P(answer, then any end-of-turn token), here near 1 (the model's EOS alone: near 0)
     assert rlvr.sequence_logprobs(policy, tokenizer, [prompt], ["3*5+7"]).exp().item() > 0.9
@@ -1141,6 +1143,10 @@ def test_sampling_stops_at_every_end_of_turn_token_and_keeps_special_tokens_out_
     row = torch.tensor([tokenizer("3*5", add_special_tokens=False)["input_ids"] + [unk]
                         + tokenizer("+7", add_special_tokens=False)["input_ids"] + tokenizer.end_ids[-1:]])
     assert rlvr._make_rollouts(tokenizer, row[:, :0], row[:, :0], row).texts == ["3*5+7"]
+    tokenizer.eos_token = None  # a tokenizer without EOS could never end a completion: one clear line
+    tokenizer.save_pretrained(tmp_path / "no-eos")
+    with pytest.raises(rlvr.UserError, match="the tokenizer has no EOS token"):
+        rlvr.load_tokenizer(tmp_path / "no-eos")
 
 
 def test_plain_prompts_get_the_bos_token_their_tokenizer_adds(tokenizer):

@@ -82,9 +82,9 @@ def bench(cfg: rlvr.Config, repeats: int = 15, scaling: bool = True) -> dict:
     def hf_generate():
         out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_k=0,
                               top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
+                              eos_token_id=rlvr.end_ids(tokenizer).tolist())
         sync()
-        is_eos = out[:, ids.shape[1]:] == tokenizer.eos_token_id
+        is_eos = torch.isin(out[:, ids.shape[1]:], rlvr.end_ids(tokenizer).to(device))
         return int(((is_eos.long().cumsum(1) - is_eos.long()) == 0).sum())  # tokens up to the first EOS, as ours
 
     runs = {"ours": ours, "hf_generate": hf_generate, "dlc": lambda: ours(memory)}

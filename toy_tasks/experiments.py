@@ -217,7 +217,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
                                            for k in ("rollouts", "generated_tokens")}
         results["summary"][m]["rl_s"] = mean_ci([runs[run_name(m, s)]["timing"]["rl_s"] for s in seeds])
     if splits[1:] == ["val", "test"]:  # the paper keeps its peak checkpoint: ours is chosen on val, reported on test
-        results["chosen"] = chosen_checkpoints(results)
+        results["chosen"], results["chosen_paired"] = chosen_checkpoints(results)
     rlvr.write_json(out / "results.json", results)
     (out / "results.md").write_text(compare_report(results))
     plot_results(results, out)
@@ -227,19 +227,24 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], jobs: int = 1) ->
 CHOOSE_BY = 8  # exact pass@8 (the paper's headline PASS@8, or pass@n if --eval-n is below 8), measured on val
 
 
-def chosen_checkpoints(results: dict) -> dict:
+def chosen_checkpoints(results: dict) -> tuple[dict, dict]:
     """Per method: the train and test metrics of each run at its evaluation with the highest val exact pass@8
-    (steps >= 1, so the base is never chosen), and the chosen steps; mean and 95% CI over seeds."""
-    chosen, key = {}, f"exact_pass@{min(CHOOSE_BY, results['config']['eval_n'])}"
+    (steps >= 1, so the base is never chosen), and the chosen steps; mean and 95% CI over seeds. Then each method's
+    difference to the reference there, paired by seed."""
+    chosen, picks, key = {}, {}, f"exact_pass@{min(CHOOSE_BY, results['config']['eval_n'])}"
     for m in results["methods"]:
-        picks = []
+        picks[m] = []
         for s in results["seeds"]:
             records = eval_records(results["runs"][run_name(m, s)])
             step = max(records, key=lambda k: (rlvr.flat_metrics(records[k]["val"])[key], -k))  # ties: the earlier
-            picks.append((step, {split: rlvr.flat_metrics(records[step][split]) for split in ("train", "test")}))
-        chosen[m] = {split: {k: mean_ci([p[1][split][k] for p in picks]) for k in picks[0][1][split]}
-                     for split in ("train", "test")} | {"steps": [p[0] for p in picks]}
-    return chosen
+            picks[m].append((step, {split: rlvr.flat_metrics(records[step][split]) for split in ("train", "test")}))
+        chosen[m] = {split: {k: mean_ci([p[1][split][k] for p in picks[m]]) for k in picks[m][0][1][split]}
+                     for split in ("train", "test")} | {"steps": [p[0] for p in picks[m]]}
+    ref = results["paired_vs"]
+    paired = {m: {split: {k: mean_ci([p[1][split][k] - r[1][split][k] for p, r in zip(picks[m], picks[ref])])
+                          for k in picks[m][0][1][split]} for split in ("train", "test")}
+              for m in results["methods"] if m != ref}
+    return chosen, paired
 
 
 def compare_report(results: dict) -> str:
@@ -255,6 +260,9 @@ def compare_report(results: dict) -> str:
         text += (f"\n*At the checkpoint chosen on val (highest val exact pass@{k}); chosen steps per seed: "
                  + "; ".join(f"{m} {c['steps']}" for m, c in results["chosen"].items()) + "*\n\n"
                  + rlvr.results_table(results["chosen"], ["train", "test"], TABLE_COLUMNS, ci_cell()))
+        if results.get("chosen_paired"):
+            text += (f"\n*At the chosen checkpoints, difference to {results['paired_vs']}'s, paired by seed*\n\n"
+                     + rlvr.results_table(results["chosen_paired"], ["train", "test"], TABLE_COLUMNS, ci_cell("+")))
     return text
 
 

@@ -169,7 +169,7 @@ def sequence_logq(model, memory, tokenizer, prompt_ids: list[list[int]], complet
         r = rlvr.rollouts_from_text(tokenizer, prompt_ids[i:i + batch], completions[i:i + batch],
                                     next(model.parameters()).device)
         with torch.no_grad(), rlvr.eval_mode(model):
-            _, _, hidden = rlvr.completion_logprobs(model, r)
+            _, _, hidden = rlvr.completion_logprobs(model, r, amp=False)  # fp32, as pi's sequence_logprobs
             logits = model.get_output_embeddings()(hidden).float()
             logq = memory.calibrate(torch.log_softmax(logits / temperature, dim=-1), hidden)
             if min_p > 0:
@@ -206,6 +206,7 @@ class SumOfUpdates:
         self.total = [torch.zeros_like(p) for p in self.params]
 
     def zero_grad(self, set_to_none=True):
+        self.last = None
         for p in self.params:
             p.grad = None
 
@@ -213,32 +214,39 @@ class SumOfUpdates:
         self.last = [p.grad.clone() for p in self.params]
 
     def add(self, grad_norm: float):
-        """Add the last gradient as it was before `update_policy` clipped it to norm 1."""
-        for total, g in zip(self.total, self.last):
-            total += g * max(1.0, grad_norm + 1e-6)
+        """Add the last gradient as it was before `update_policy` clipped it to norm 1 (none if it skipped)."""
+        if self.last is not None and math.isfinite(grad_norm):
+            for total, g in zip(self.total, self.last):
+                total += g * max(1.0, grad_norm + 1e-6)
 
 
 def credit_lesson(cfg: rlvr.Config, model, tokenizer, train: rlvr.TaskSet, query: int, groups: int = 100,
                   lr: float = 0.005, caps: tuple = (0.0, 1.0)) -> dict:
     """Where DLC's diversity comes from. For each correct answer of one query: its probability under the policy
-    (pi) and under DLC's sampler (q), in how many of `groups` groups q drew it, and how the expected IAC+DLC update
-    moves log pi: the mean gradient of those groups (the same groups for every cap), applied as one step of norm
-    `lr`, small enough to be linear (training clips its batch gradient to norm 1, so directions are what differ).
-    Without an importance weight (the default) every drawn answer gets full on-policy credit; with min(pi/q, cap)
-    per token, the answers q draws more often than pi would get less."""
+    (pi) and under DLC's sampler (q), in how many of `groups` groups q drew it, its credit (the mean over groups of
+    advantage x the summed token weights of its draws: what the loss pushes it up by), and how the expected IAC+DLC
+    update moves log pi: the mean gradient of those groups (the same groups for every cap), applied as one step of
+    norm `lr`, small enough to be linear (training clips its batch gradient to norm 1, so directions are what
+    differ). Without an importance weight (the default) every drawn answer gets full on-policy credit; with
+    min(pi/q, cap) per token, the answers q draws more often than pi would get less."""
     memory = fit_memory(cfg, model, tokenizer, train)
     T, sols, prompt = cfg.rollout_temperature or cfg.temperature, train.solutions[query], train.prompt_ids[query]
     logp = rlvr.sequence_logprobs(model, tokenizer, [prompt] * len(sols), sols, temperature=T)
     logq = sequence_logq(model, memory, tokenizer, [prompt] * len(sols), sols, T, cfg.rollout_min_p)
     out = {"query": train.tasks[query]["prompt"], "completions": sols, "pi": logp.exp().tolist(),
            "q": logq.exp().tolist(), "q/pi": (logq - logp).exp().tolist(), "groups": groups, "G": cfg.group_size,
-           "lr": lr, "delta": {}, "groups_drawn": dict.fromkeys(sols, 0)}
+           "lr": lr, "delta": {}, "credit": {}, "groups_drawn": dict.fromkeys(sols, 0)}
     for cap in caps:
         step_cfg, policy = dataclasses.replace(cfg, method="iac+dlc", dlc_is_cap=cap), copy.deepcopy(model)
-        updates = SumOfUpdates(policy.parameters())
+        updates, credit = SumOfUpdates(policy.parameters()), dict.fromkeys(sols, 0.0)
         for g in range(groups):
             batch = rlvr.collect_rollouts(step_cfg, policy, tokenizer, train, [query], 1000 + g, memory=memory)
             updates.add(rlvr.update_policy(step_cfg, policy, updates, batch)["grad_norm"])
+            mask = batch.rollouts.completion_mask
+            pushed = (mask if batch.weights is None else mask * batch.weights).sum(1) * batch.advantages
+            for text, r, push in zip(batch.rollouts.texts, batch.rewards.view(-1).tolist(), pushed.tolist()):
+                if r > 0 and text in credit:
+                    credit[text] += push / groups
             if cap == caps[0]:  # every cap sees the same groups: the policy moves only after the last one
                 for text in {t for t, r in zip(batch.rollouts.texts, batch.rewards.view(-1).tolist()) if r > 0}:
                     out["groups_drawn"][text] += 1
@@ -248,6 +256,7 @@ def credit_lesson(cfg: rlvr.Config, model, tokenizer, train: rlvr.TaskSet, query
                 p -= lr * total / norm
         out["delta"][cap] = (rlvr.sequence_logprobs(policy, tokenizer, [prompt] * len(sols), sols, temperature=T)
                              - logp).tolist()
+        out["credit"][cap] = [credit[o] for o in sols]
     return out
 
 
@@ -345,32 +354,40 @@ def explain(cfg: rlvr.Config, runs_dir: Path, lesson: str = "all") -> dict:
         pi, q, ratio, G = np.array(c["pi"]), np.array(c["q"]), np.array(c["q/pi"]), c["G"]
         drawn = np.array([c["groups_drawn"][o] for o in c["completions"]])
         no, capped = (np.array(c["delta"][cap]) for cap in (0.0, 1.0))
+        cr_no, cr_capped = (np.array(c["credit"][cap]) for cap in (0.0, 1.0))
         print(f"\n4. WHERE DLC'S DIVERSITY COMES FROM on {c['query']!r}: DLC's memory after its first 5 steps (the "
               "policy held fixed). Per correct completion:")
         print(f"   pi and q, its exact probability under the policy and under DLC's sampler; in a group: the chance "
-              f"that a group of {G}")
-        print(f"   drawn from pi holds it, 1-(1-pi)^{G}, and the share of {c['groups']} groups drawn from q that did; "
-              "the change in log pi from the expected")
-        print(f"   IAC+DLC update (the mean gradient of those groups as one step of norm {c['lr']}: training clips "
-              "its gradient, so the direction is what counts),")
-        print("   with no importance weight (the default) and with min(pi/q, 1) per token.")
-        print(f"   {'completion':>10} {'pi':>8} {'q':>8} {'q/pi':>6} {'in a group: pi':>15} {'q':>5} {'no weight':>10} "
-              f"{'min(pi/q,1)':>12}")
+              f"that a group of {G} drawn from pi holds it,")
+        print(f"   1-(1-pi)^{G}, and the share of {c['groups']} groups drawn from q that did; credit: per group, "
+              "advantage x the summed token weights of its draws;")
+        print(f"   d log pi: the change from the expected IAC+DLC update (the mean gradient of those groups as one "
+              f"step of norm {c['lr']}; training clips")
+        print("   its gradient, so steps have one size). Each with no importance weight (the default) and with "
+              "min(pi/q, 1) per token.")
+        print(f"   {'':>10} {'':>8} {'':>8} {'':>6} {'in a group':>10} {'credit':>6} {'':>8} {'d log pi':>8}")
+        print(f"   {'completion':>10} {'pi':>8} {'q':>8} {'q/pi':>6} {'pi':>5} {'q':>4} {'none':>7} {'min':>6} "
+              f"{'none':>8} {'min':>8}")
         order = list(np.argsort(ratio)[::-1])
         rows = order if len(order) <= 12 else order[:6] + order[len(order) // 2:len(order) // 2 + 2] + order[-4:]
         for i in rows:
-            print(f"   {c['completions'][i]:>10} {pi[i]:8.4f} {q[i]:8.4f} {ratio[i]:6.2f} {1 - (1 - pi[i]) ** G:15.2f} "
-                  f"{drawn[i] / c['groups']:5.2f} {no[i]:+10.4f} {capped[i]:+12.4f}")
+            print(f"   {c['completions'][i]:>10} {pi[i]:8.4f} {q[i]:8.4f} {ratio[i]:6.2f} {1 - (1 - pi[i]) ** G:5.2f} "
+                  f"{drawn[i] / c['groups']:4.2f} {cr_no[i]:7.3f} {cr_capped[i]:6.3f} {no[i]:+8.4f} {capped[i]:+8.4f}")
+        after = [(pi * np.exp(d)).sum() for d in (no, capped)]
         print(f"   ...     ({len(pi)} rows in all; P(correct) {pi.sum():.4f} under pi, {q.sum():.4f} under q; after "
-              f"the update {(pi * np.exp(no)).sum():.4f} with no weight, {(pi * np.exp(capped)).sum():.4f} with it)")
+              f"the update {after[0]:.4f} with no weight, {after[1]:.4f} with it)")
         mean = lambda v, rows: f"{v[rows].mean():+.4f}" if rows.any() else "      -"  # noqa: E731
-        for name, rows in credit_categories(c).items():
-            print(f"   {name:>38} ({int(rows.sum()):2d}): mean change {mean(no, rows)} with no weight, "
-                  f"{mean(capped, rows)} with it")
-        rare = credit_categories(c)["rare under pi, drawn by q (q/pi >= 2)"]
-        if rare.any():
-            print(f"   The answers the policy rarely samples but DLC's sampler draws gain {no[rare].mean():+.4f} with full "
-                  f"credit and {capped[rare].mean():+.4f} with the weight: what DLC adds is credit, not just draws.")
+        cats = credit_categories(c)
+        for name, rows in cats.items():
+            print(f"   {name:>38} ({int(rows.sum()):2d}): credit {mean(cr_no, rows)} -> {mean(cr_capped, rows)}, "
+                  f"d log pi {mean(no, rows)} -> {mean(capped, rows)} (no weight -> weight)")
+        rare, rest = cats["rare under pi, drawn by q (q/pi >= 2)"], cats["drawn, q/pi < 2"]
+        if rare.any() and rest.any():
+            print(f"   The weight takes {1 - cr_capped[rare].sum() / cr_no[rare].sum():.0%} of the rare answers' credit "
+                  f"and {1 - cr_capped[rest].sum() / cr_no[rest].sum():.0%} of the other drawn answers'; at one step "
+                  f"size the rare ones gain {no[rare].mean() - no[rest].mean():+.4f}")
+            print(f"   more than the other drawn answers with full credit, {capped[rare].mean() - capped[rest].mean():+.4f}"
+                  " with the weight. One step shows the push; the runs show what it adds up to (the credit control).")
     plot_explain(report, Path(cfg.out))
     return report
 

@@ -115,7 +115,8 @@ def _fake_results(tmp_path, methods, seeds, per_run, n=8):
                                             "final": {sp: split(*v) for sp, v in final.items()},
                                             "base": {sp: split(0.1, 0.5, 0.4) for sp in final}}
     base = {sp: {"exact_pass@1": {"mean": 0.1}} for sp in ("train", "test")}
-    return {"methods": methods, "seeds": seeds, "runs": runs, "config": {"eval_n": n}, "summary": {"base": base}}
+    return {"methods": methods, "seeds": seeds, "runs": runs, "config": {"eval_n": n}, "summary": {"base": base},
+            "paired_vs": methods[0]}
 
 
 def test_frontier_points_and_gaps_are_paired_by_seed_on_the_right_splits(tmp_path):
@@ -161,7 +162,10 @@ def test_the_checkpoint_is_chosen_on_val_and_reported_on_test(tmp_path):
         return {"train": (0.5, 0.5, 0.5), "val": (0.1, 0.2, 0.3), "test": (0.1, 0.2, 0.3)}, records
 
     for n in (8, 4):  # with --eval-n below 8 the choice falls back to exact pass@n
-        chosen = experiments.chosen_checkpoints(_fake_results(tmp_path / str(n), ["grpo"], [0, 1], per_run, n))["grpo"]
+        chosen, paired = experiments.chosen_checkpoints(_fake_results(tmp_path / str(n), ["grpo", "iac"], [0, 1],
+                                                                      per_run, n))
+        assert paired["iac"]["test"]["exact_coverage"] == {"mean": 0.0, "ci95": 0.0, "n": 2}  # the same runs
+        chosen = chosen["grpo"]
         assert chosen["steps"] == [2, 1]
         assert chosen["test"]["exact_coverage"]["mean"] == pytest.approx(np.mean([0.02, 1.01]))
         assert chosen["test"][f"exact_pass@{n}"]["mean"] == pytest.approx(np.mean([0.4, 0.3]))
